@@ -1,0 +1,34 @@
+# Two entry points: `make demo` (the main job) and `make test`. Both set up .venv from nothing and are idempotent.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	# The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[train,triton,dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+data:
+	@test -f $(FMNIST) || { (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) \
+	  || { echo "could not install dataset-fashion-mnist; see README (Data)"; exit 2; }; }
+
+demo: setup data
+	$(BIN)/torchws demo
+
+test: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -q -x -p no:cacheprovider
+
+bench: setup
+	$(BIN)/python benchmarks/bench_ws.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
