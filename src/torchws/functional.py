@@ -1,0 +1,173 @@
+"""Weight Standardization, the math and nothing else.
+
+A weight is viewed as *rows* ``(O, n)``: one row per output channel holding that channel's whole fan-in ``n``.
+:func:`standardize_rows` is the single place the formula of each preset lives (see :mod:`torchws.presets`);
+everything else reshapes weights into rows and back.
+
+Layouts:
+    * Linear ``(out, in)`` and Conv ``(out, in/groups, *k)``: rows are ``weight.reshape(out, -1)``.
+    * ConvTranspose ``(in, out/groups, *k)``: output channel ``o = g * (out/groups) + j`` sees the ``in/groups``
+      input channels of group ``g`` times the kernel, so rows are a group-aware permutation, not dims ``1..``.
+
+Statistics are computed in float32 for half-precision weights (bf16, fp16) and the result is returned in the
+weight's dtype. float64 weights stay float64 (gradcheck).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from torchws.presets import DEFAULT_PRESET, Preset, get_preset
+
+__all__ = [
+    "standardize_rows",
+    "weight_standardize",
+    "weight_standardize_transposed",
+    "weight_to_rows",
+    "rows_to_weight",
+    "fan_in",
+]
+
+_STATS_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_weight(weight: Tensor, min_dim: int, what: str) -> None:
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"{what}: expected a tensor, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise TypeError(f"{what}: weight must be floating point, got dtype {weight.dtype}")
+    if weight.dim() < min_dim:
+        shape = tuple(weight.shape)
+        raise ValueError(f"{what}: weight must have rank >= {min_dim} (out, fan-in...), got shape {shape}")
+
+
+def standardize_rows(rows: Tensor, *, preset: str | Preset = DEFAULT_PRESET, eps: float | None = None) -> Tensor:
+    """Standardize each row of ``rows`` (shape ``(O, n)``) with the numerics of ``preset``.
+
+    ``paper``/``timm``/``bit`` (population variance, eps inside the root) run as one fused ``F.batch_norm`` over
+    ``(1, O, n)``, as timm does: one kernel forward and one backward, and it exports cleanly.
+
+    Args:
+        rows: ``(O, n)`` floating tensor with ``n >= 2``.
+        preset: preset name or :class:`~torchws.presets.Preset`.
+        eps: overrides the preset's eps.
+
+    Returns:
+        ``(O, n)`` tensor in ``rows.dtype``: zero mean and (for eps -> 0) unit variance per row under the preset's
+        variance estimator; for ``nf``, unit *sum of squares* scaled so that ``n * var == 1``.
+    """
+    p = get_preset(preset)
+    eps = p.eps if eps is None else float(eps)
+    _check_weight(rows, 2, "standardize_rows")
+    if rows.dim() != 2:
+        raise ValueError(f"standardize_rows: rows must be 2-D (O, n), got shape {tuple(rows.shape)}")
+    n = rows.shape[1]
+    if n < 2:
+        raise ValueError(f"standardize_rows: fan-in is {n}; a row of one element cannot be standardized")
+    x = rows if rows.dtype in _STATS_DTYPES else rows.float()
+    if p.eps_placement == "inside_sqrt" and p.variance == "population":
+        y = F.batch_norm(x.unsqueeze(0), None, None, training=True, momentum=0.0, eps=eps).squeeze(0)
+    else:
+        var, mean = torch.var_mean(x, dim=1, correction=1 if p.unbiased else 0, keepdim=True)
+        if p.eps_placement == "added_to_std":
+            rstd = 1.0 / (var.sqrt() + eps)
+        elif p.eps_placement == "clamp_fan_in_var":
+            rstd = torch.rsqrt(torch.clamp(var * n, min=eps))
+        else:  # inside_sqrt with the unbiased estimator (no peer uses it, but a custom Preset may)
+            rstd = torch.rsqrt(var + eps)
+        y = (x - mean) * rstd
+    return y.to(rows.dtype)
+
+
+def fan_in(weight: Tensor, *, transposed: bool = False, groups: int = 1) -> int:
+    """Number of weight elements feeding one output channel."""
+    if transposed:
+        return weight.shape[0] // groups * math.prod(weight.shape[2:])
+    return math.prod(weight.shape[1:])
+
+
+def weight_to_rows(weight: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
+    """View/copy ``weight`` as rows ``(out_channels, fan_in)``."""
+    if not transposed:
+        return weight.reshape(weight.shape[0], -1)
+    cin, cout_g = weight.shape[0], weight.shape[1]
+    if cin % groups:
+        raise ValueError(f"weight_to_rows: in_channels {cin} is not divisible by groups {groups}")
+    k = math.prod(weight.shape[2:])
+    # (in, out/g, K) -> (g, in/g, out/g, K) -> (g, out/g, in/g, K): row o = g*(out/g) + j holds group g's inputs
+    w = weight.reshape(groups, cin // groups, cout_g, k).permute(0, 2, 1, 3)
+    return w.reshape(groups * cout_g, (cin // groups) * k)
+
+
+def rows_to_weight(rows: Tensor, like: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
+    """Inverse of :func:`weight_to_rows`: a tensor shaped (and, for channels_last weights, laid out) like ``like``."""
+    if transposed:
+        cin, cout_g = like.shape[0], like.shape[1]
+        k = math.prod(like.shape[2:])
+        w = rows.reshape(groups, cout_g, cin // groups, k).permute(0, 2, 1, 3)
+        return w.reshape(like.shape)
+    out = rows.reshape(like.shape)
+    # keep cuDNN/oneDNN on the layout the model chose instead of converting the weight at every conv
+    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
+        out = out.contiguous(memory_format=torch.channels_last)
+    elif like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last_3d):
+        out = out.contiguous(memory_format=torch.channels_last_3d)
+    return out
+
+
+def _apply_gain(rows: Tensor, gain: Tensor | None, what: str) -> Tensor:
+    if gain is None:
+        return rows
+    if gain.numel() != rows.shape[0]:
+        raise ValueError(f"{what}: gain has {gain.numel()} elements, expected one per output channel ({rows.shape[0]})")
+    return rows * gain.reshape(-1, 1).to(rows.dtype)
+
+
+def weight_standardize(
+    weight: Tensor,
+    *,
+    preset: str | Preset = DEFAULT_PRESET,
+    eps: float | None = None,
+    gain: Tensor | None = None,
+) -> Tensor:
+    """Standardize each output filter of a Linear/Conv weight ``(out, in/groups, *k)``.
+
+    Args:
+        weight: rank >= 2 floating tensor, any memory format.
+        preset: numerics preset (see :mod:`torchws.presets`).
+        eps: overrides the preset's eps.
+        gain: optional ``(out,)`` per-output-channel multiplier applied after standardization.
+
+    Returns:
+        Tensor shaped and laid out like ``weight``, in ``weight.dtype``.
+    """
+    _check_weight(weight, 2, "weight_standardize")
+    rows = standardize_rows(weight_to_rows(weight), preset=preset, eps=eps)
+    return rows_to_weight(_apply_gain(rows, gain, "weight_standardize"), weight)
+
+
+def weight_standardize_transposed(
+    weight: Tensor,
+    *,
+    groups: int = 1,
+    preset: str | Preset = DEFAULT_PRESET,
+    eps: float | None = None,
+    gain: Tensor | None = None,
+) -> Tensor:
+    """Standardize a ConvTranspose weight ``(in, out/groups, *k)`` over each *output* channel's fan-in.
+
+    Args:
+        weight: rank >= 3 floating tensor.
+        groups: the layer's ``groups``.
+        preset, eps: as in :func:`weight_standardize`.
+        gain: optional ``(out,)`` per-output-channel multiplier.
+    """
+    _check_weight(weight, 3, "weight_standardize_transposed")
+    rows = weight_to_rows(weight, transposed=True, groups=groups)
+    rows = standardize_rows(rows, preset=preset, eps=eps)
+    rows = _apply_gain(rows, gain, "weight_standardize_transposed")
+    return rows_to_weight(rows, weight, transposed=True, groups=groups)

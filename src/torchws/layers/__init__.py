@@ -1,0 +1,25 @@
+"""WS layers, Batch-Channel Normalization and norm factories."""
+
+from torchws.layers.ws import (
+    WS_LAYER_FOR,
+    WSConv1d,
+    WSConv2d,
+    WSConv3d,
+    WSConvTranspose1d,
+    WSConvTranspose2d,
+    WSConvTranspose3d,
+    WSLinear,
+    WSMixin,
+)
+
+__all__ = [
+    "WSMixin",
+    "WSConv1d",
+    "WSConv2d",
+    "WSConv3d",
+    "WSConvTranspose1d",
+    "WSConvTranspose2d",
+    "WSConvTranspose3d",
+    "WSLinear",
+    "WS_LAYER_FOR",
+]

@@ -1,0 +1,80 @@
+"""Numerics presets: which variance estimator, which eps and where it goes, for each peer implementation.
+
+Each preset reproduces one published implementation exactly. With ``mean``/``var`` taken over a filter's fan-in
+``n`` (every weight element feeding one output channel):
+
+============  ==========  =======  ===============================  ==================================
+preset        variance    eps      formula                          whose
+============  ==========  =======  ===============================  ==================================
+``paper``     population  1e-5     (W - mean) / sqrt(var + eps)     the paper's definition (default)
+``official``  unbiased    1e-5     (W - mean) / (std + eps)         the authors' released code, mmcv
+``timm``      population  1e-6     (W - mean) / sqrt(var + eps)     timm ``StdConv2d``
+``bit``       population  1e-10    (W - mean) / sqrt(var + eps)     BiT (big_transfer)
+``nf``        population  1e-4     g * (W - mean) / sqrt(max(n*var, eps))  NFNets scaled WS, learnable gain
+============  ==========  =======  ===============================  ==================================
+
+``official`` is not *safe*: a constant filter has std 0, and the gradient of the square root at 0 is infinite, so
+its backward yields NaN (the authors' code does the same). All other presets are finite for constant filters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Variance = Literal["population", "unbiased"]
+EpsPlacement = Literal["inside_sqrt", "added_to_std", "clamp_fan_in_var"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One WS numerics recipe.
+
+    Attributes:
+        name: registry name.
+        variance: ``"population"`` (divide by n) or ``"unbiased"`` (divide by n - 1).
+        eps: the stabiliser.
+        eps_placement: ``"inside_sqrt"``: rstd = 1 / sqrt(var + eps); ``"added_to_std"``: rstd = 1 / (sqrt(var) + eps);
+            ``"clamp_fan_in_var"``: rstd = 1 / sqrt(max(n * var, eps)) (unit *sum* of squares, NFNets).
+        learnable_gain: whether layers built with this preset get a per-output-channel gain by default.
+        safe: constant filters give finite outputs and gradients.
+    """
+
+    name: str
+    variance: Variance
+    eps: float
+    eps_placement: EpsPlacement
+    learnable_gain: bool = False
+    safe: bool = True
+
+    @property
+    def unbiased(self) -> bool:
+        return self.variance == "unbiased"
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("paper", "population", 1e-5, "inside_sqrt"),
+        Preset("official", "unbiased", 1e-5, "added_to_std", safe=False),
+        Preset("timm", "population", 1e-6, "inside_sqrt"),
+        Preset("bit", "population", 1e-10, "inside_sqrt"),
+        Preset("nf", "population", 1e-4, "clamp_fan_in_var", learnable_gain=True),
+    )
+}
+
+DEFAULT_PRESET = "paper"
+
+
+def get_preset(preset: str | Preset) -> Preset:
+    """Return the :class:`Preset` named ``preset`` (a Preset passes through).
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    if isinstance(preset, Preset):
+        return preset
+    try:
+        return PRESETS[preset]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown WS preset {preset!r}; valid presets: {', '.join(PRESETS)}") from None
