@@ -119,12 +119,17 @@ def rows_to_weight(rows: Tensor, like: Tensor, *, transposed: bool = False, grou
     return out
 
 
-def _apply_gain(rows: Tensor, gain: Tensor | None, what: str) -> Tensor:
-    if gain is None:
-        return rows
-    if gain.numel() != rows.shape[0]:
-        raise ValueError(f"{what}: gain has {gain.numel()} elements, expected one per output channel ({rows.shape[0]})")
-    return rows * gain.reshape(-1, 1).to(rows.dtype)
+def _apply_affine(rows: Tensor, gain: Tensor | None, shift: Tensor | None, what: str) -> Tensor:
+    """rows * gain + shift, per output channel (row)."""
+    for name, t in (("gain", gain), ("shift", shift)):
+        if t is not None and t.numel() != rows.shape[0]:
+            o = rows.shape[0]
+            raise ValueError(f"{what}: {name} has {t.numel()} elements, expected one per output channel ({o})")
+    if gain is not None:
+        rows = rows * gain.reshape(-1, 1).to(rows.dtype)
+    if shift is not None:
+        rows = rows + shift.reshape(-1, 1).to(rows.dtype)
+    return rows
 
 
 def weight_standardize(
@@ -133,6 +138,7 @@ def weight_standardize(
     preset: str | Preset = DEFAULT_PRESET,
     eps: float | None = None,
     gain: Tensor | None = None,
+    shift: Tensor | None = None,
 ) -> Tensor:
     """Standardize each output filter of a Linear/Conv weight ``(out, in/groups, *k)``.
 
@@ -141,13 +147,15 @@ def weight_standardize(
         preset: numerics preset (see :mod:`torchws.presets`).
         eps: overrides the preset's eps.
         gain: optional ``(out,)`` per-output-channel multiplier applied after standardization.
+        shift: optional ``(out,)`` per-output-channel offset added last (``gain * W_hat + shift``); used by
+            ``convert(..., preserve_function=True)`` to reproduce a non-standardized weight exactly.
 
     Returns:
         Tensor shaped and laid out like ``weight``, in ``weight.dtype``.
     """
     _check_weight(weight, 2, "weight_standardize")
     rows = standardize_rows(weight_to_rows(weight), preset=preset, eps=eps)
-    return rows_to_weight(_apply_gain(rows, gain, "weight_standardize"), weight)
+    return rows_to_weight(_apply_affine(rows, gain, shift, "weight_standardize"), weight)
 
 
 def weight_standardize_transposed(
@@ -157,6 +165,7 @@ def weight_standardize_transposed(
     preset: str | Preset = DEFAULT_PRESET,
     eps: float | None = None,
     gain: Tensor | None = None,
+    shift: Tensor | None = None,
 ) -> Tensor:
     """Standardize a ConvTranspose weight ``(in, out/groups, *k)`` over each *output* channel's fan-in.
 
@@ -164,10 +173,10 @@ def weight_standardize_transposed(
         weight: rank >= 3 floating tensor.
         groups: the layer's ``groups``.
         preset, eps: as in :func:`weight_standardize`.
-        gain: optional ``(out,)`` per-output-channel multiplier.
+        gain, shift: optional ``(out,)`` per-output-channel affine, as in :func:`weight_standardize`.
     """
     _check_weight(weight, 3, "weight_standardize_transposed")
     rows = weight_to_rows(weight, transposed=True, groups=groups)
     rows = standardize_rows(rows, preset=preset, eps=eps)
-    rows = _apply_gain(rows, gain, "weight_standardize_transposed")
+    rows = _apply_affine(rows, gain, shift, "weight_standardize_transposed")
     return rows_to_weight(rows, weight, transposed=True, groups=groups)

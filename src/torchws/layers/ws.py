@@ -46,7 +46,7 @@ class WSMixin:
     ws_transposed: bool = False
     weight: Tensor
 
-    def _ws_setup(self, preset: str | Preset, eps: float | None, gain: bool | None) -> None:
+    def _ws_setup(self, preset: str | Preset, eps: float | None, gain: bool | None, shift: bool = False) -> None:
         name = type(self).__name__
         p = get_preset(preset)
         if eps is not None and not (math.isfinite(eps) and eps > 0):
@@ -66,6 +66,11 @@ class WSMixin:
             self.gain = nn.Parameter(torch.ones(self.ws_out_channels, device=w.device, dtype=w.dtype))
         else:
             self.register_parameter("gain", None)
+        if shift:
+            w = self.weight
+            self.shift = nn.Parameter(torch.zeros(self.ws_out_channels, device=w.device, dtype=w.dtype))
+        else:
+            self.register_parameter("shift", None)
         self._ws_supplied: Tensor | None = None
 
     # --- geometry -------------------------------------------------------------------------------------------------
@@ -99,9 +104,14 @@ class WSMixin:
         """Standardize the current weight (per-layer path), gain included."""
         if self.ws_transposed:
             return weight_standardize_transposed(
-                self.weight, groups=self.ws_groups, preset=self.ws_preset, eps=self.ws_eps, gain=self.gain
+                self.weight,
+                groups=self.ws_groups,
+                preset=self.ws_preset,
+                eps=self.ws_eps,
+                gain=self.gain,
+                shift=self.shift,
             )
-        return weight_standardize(self.weight, preset=self.ws_preset, eps=self.ws_eps, gain=self.gain)
+        return weight_standardize(self.weight, preset=self.ws_preset, eps=self.ws_eps, gain=self.gain, shift=self.shift)
 
     def standardized_weight(self) -> Tensor:
         """The weight this layer's forward uses: a supplied one if set, else computed now."""
@@ -122,6 +132,8 @@ class WSMixin:
         super().reset_parameters()  # type: ignore[misc]
         if getattr(self, "gain", None) is not None:
             nn.init.ones_(self.gain)
+        if getattr(self, "shift", None) is not None:
+            nn.init.zeros_(self.shift)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()  # type: ignore[misc]
@@ -130,6 +142,8 @@ class WSMixin:
             s += f", eps={self.ws_eps:g}"
         if self.gain is not None:
             s += ", gain=True"
+        if self.shift is not None:
+            s += ", shift=True"
         return s
 
 
@@ -146,11 +160,12 @@ def _make_conv(base: type[nn.Module], doc: str) -> type[nn.Module]:
             preset: str | Preset = DEFAULT_PRESET,
             eps: float | None = None,
             gain: bool | None = None,
+            shift: bool = False,
             **kwargs,
         ) -> None:
             _check_factory_dtype(f"WS{base.__name__}", kwargs)
             super().__init__(*args, **kwargs)
-            self._ws_setup(preset, eps, gain)
+            self._ws_setup(preset, eps, gain, shift)
 
     _Layer.__name__ = _Layer.__qualname__ = f"WS{base.__name__}"
     _Layer.__doc__ = doc
@@ -158,8 +173,9 @@ def _make_conv(base: type[nn.Module], doc: str) -> type[nn.Module]:
 
 
 _CONV_DOC = """Weight-standardized ``nn.{0}``: same arguments, plus keyword-only ``preset`` (numerics, see
-:mod:`torchws.presets`), ``eps`` (overrides the preset's) and ``gain`` (learnable per-output-channel gain;
-default: the preset's)."""
+:mod:`torchws.presets`), ``eps`` (overrides the preset's), ``gain`` (learnable per-output-channel gain;
+default: the preset's) and ``shift`` (learnable per-output-channel weight offset, zero-initialised; the weight used is
+``gain * W_hat + shift``)."""
 
 WSConv1d = _make_conv(nn.Conv1d, _CONV_DOC.format("Conv1d"))
 WSConv2d = _make_conv(nn.Conv2d, _CONV_DOC.format("Conv2d"))
@@ -199,11 +215,12 @@ def _make_conv_transpose(base: type[nn.Module], dims: int, fn) -> type[nn.Module
             preset: str | Preset = DEFAULT_PRESET,
             eps: float | None = None,
             gain: bool | None = None,
+            shift: bool = False,
             **kwargs,
         ) -> None:
             _check_factory_dtype(f"WS{base.__name__}", kwargs)
             super().__init__(*args, **kwargs)
-            self._ws_setup(preset, eps, gain)
+            self._ws_setup(preset, eps, gain, shift)
 
     _Layer.__name__ = _Layer.__qualname__ = f"WS{base.__name__}"
     _Layer.__doc__ = _CONV_DOC.format(base.__name__) + (
@@ -234,11 +251,12 @@ class WSLinear(WSMixin, nn.Linear):
         preset: str | Preset = DEFAULT_PRESET,
         eps: float | None = None,
         gain: bool | None = None,
+        shift: bool = False,
         **kwargs,
     ) -> None:
         _check_factory_dtype("WSLinear", kwargs)
         super().__init__(in_features, out_features, bias, **kwargs)
-        self._ws_setup(preset, eps, gain)
+        self._ws_setup(preset, eps, gain, shift)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.standardized_weight(), self.bias)
