@@ -146,7 +146,7 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         stem_reduction = 2 if stem == "imagenet" else 1
         infos = [FeatureInfo(0, "act1", 64, stem_reduction)]
-        reduction = stem_reduction * (2 if stem == "imagenet" else 1)
+        reduction = stem_reduction * (2 if stem == "imagenet" else 1)  # after the max-pool
         last_stage = self.out_indices[-1]
         for i, (planes, depth) in enumerate(zip((64, 128, 256, 512), layers), start=1):
             if i > last_stage:  # features_only: stages past the last requested output are not built
@@ -160,7 +160,7 @@ class ResNet(nn.Module):
         if not features_only:
             self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
             self.fc = nn.Linear(self.num_features, num_classes)
-        del self._conv_layer, self._norm_layer  # only needed while building; keep the module picklable
+        del self._conv_layer, self._norm_layer  # only needed while building (a lambda here would block pickling)
         init_resnet_weights(self, zero_init_residual=zero_init_residual)
 
     def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
