@@ -1,5 +1,6 @@
 """WS layers, Batch-Channel Normalization and norm factories."""
 
+from torchws.layers.norms import make_conv_layer, make_norm_layer, small_image_groups
 from torchws.layers.ws import (
     WS_LAYER_FOR,
     WSConv1d,
@@ -22,4 +23,7 @@ __all__ = [
     "WSConvTranspose3d",
     "WSLinear",
     "WS_LAYER_FOR",
+    "make_conv_layer",
+    "make_norm_layer",
+    "small_image_groups",
 ]
