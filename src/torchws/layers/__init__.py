@@ -1,5 +1,6 @@
 """WS layers, Batch-Channel Normalization and norm factories."""
 
+from torchws.layers.bcn import BatchChannelNorm2d
 from torchws.layers.norms import make_conv_layer, make_norm_layer, small_image_groups
 from torchws.layers.ws import (
     WS_LAYER_FOR,
@@ -14,6 +15,7 @@ from torchws.layers.ws import (
 )
 
 __all__ = [
+    "BatchChannelNorm2d",
     "WSMixin",
     "WSConv1d",
     "WSConv2d",
