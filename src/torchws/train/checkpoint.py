@@ -1,0 +1,109 @@
+"""Checkpoints: written atomically (temp file in the same dir, fsync, os.replace), read back with typed errors.
+
+A checkpoint is a dict: ``model`` (state dict of the unwrapped model), ``optimizer``, ``scheduler``, ``scaler``
+(None unless a GradScaler is used), ``rng`` (python, numpy, torch, cuda), ``epoch`` (the epoch in progress or next),
+``batch_in_epoch`` (optimizer steps already done in it), ``step`` (optimizer steps in total), ``best_acc``,
+``history`` (epoch records), ``config`` (the resolved TrainConfig as a dict) and ``format``.
+Everything is stored as tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import CheckpointError
+
+__all__ = ["FORMAT", "atomic_save", "capture_rng", "load_checkpoint", "restore_model", "restore_rng"]
+
+FORMAT = "torchws-train-1"
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temp file next to ``path``, fsync it, then ``os.replace``: a crash at any point leaves
+    either the old file or the new one, never a partial file under ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable; not possible on every platform
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def capture_rng() -> dict[str, Any]:
+    """Global RNG states as tensors / plain values (numpy's key array becomes a tensor)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Inverse of ``capture_rng`` (cuda states only when as many devices are visible)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a training checkpoint (CPU tensors). Raises CheckpointError if missing, truncated or not ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a torchws training checkpoint (no format '{FORMAT}')")
+    return ckpt
+
+
+def restore_model(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike, saved_model: str) -> None:
+    """Load ``state`` into ``model`` strictly; mismatched keys or shapes raise one-line CheckpointError."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        details = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", shapes)):
+            if keys:
+                details.append(f"{len(keys)} {label} keys (e.g. {keys[0]})")
+        raise CheckpointError(f"checkpoint {path} was saved from model '{saved_model}' and does not fit this model: "
+                              f"{'; '.join(details)}")  # fmt: skip
+    model.load_state_dict(state)

@@ -1,0 +1,78 @@
+"""Metrics as JSON lines (one record per line, ``kind`` says which), optional TensorBoard, and text tables."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MetricsLogger", "format_table", "read_metrics"]
+
+
+class MetricsLogger:
+    """Append records to ``<run_dir>/metrics.jsonl``; mirror numbers to TensorBoard when asked and installed.
+
+    Only rank 0 should create one. ``truncate_after_step``: on resume, drop records of steps past the checkpoint so
+    the file reads as one uninterrupted run.
+    """
+
+    def __init__(
+        self, run_dir: str | os.PathLike, *, tensorboard: bool = False, truncate_after_step: int | None = None
+    ) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if truncate_after_step is not None and self.path.exists():
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        elif truncate_after_step is None:
+            self.path.write_text("")
+        self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional: JSON lines are the record
+                self._tb = None
+
+    def log(self, kind: str, **values: Any) -> None:
+        """Write one record ``{"kind": kind, **values}`` (and its numbers to TensorBoard under ``kind/``)."""
+        record = {"kind": kind, **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None and "step" in values:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(f"{kind}/{key}", value, values["step"])
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl (only those of ``kind`` if given)."""
+    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return [r for r in records if kind is None or r.get("kind") == kind]
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    """A Markdown table of ``rows`` (dicts), one column per key of the first row unless ``columns`` is given."""
+    if not rows:
+        return ""
+    columns = list(columns or rows[0].keys())
+    cells = [[_cell(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join([line, rule, *body])
