@@ -197,12 +197,15 @@ def build_cases(weights, dtype, blocks) -> dict[str, Callable[[], object]]:
 
 
 def git_commit() -> str:
+    """HEAD of the checkout this script lives in, or "unknown" (e.g. a copied tree without git history)."""
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    sha = out.stdout.strip()
+    return sha if out.returncode == 0 and len(sha) == 40 else "unknown"
 
 
 def print_table(dtype_name: str, timings: dict[str, float], host: dict[str, float]) -> dict[str, float]:
@@ -229,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (Triton interpreter; use --small)")
     parser.add_argument("--small", action="store_true", help="tiny shapes and few reps (smoke test)")
     parser.add_argument("--reps", type=int, default=None, help="timed reps per case (default 50, --small 3)")
+    parser.add_argument("--commit", default=None, help="commit to record (default: git rev-parse HEAD)")
     parser.add_argument("--blocks", default="256,512,1024", help="chunk widths to time the bare kernels with")
     args = parser.parse_args(argv)
     if args.device == "cpu":
@@ -253,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (triton interpreter)",
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": git_commit(),
+        "commit": args.commit or git_commit(),
         "num_weights": len(shapes),
         "num_params": sum(w.numel() for w in weights),
         "num_rows": sum(s[0] for s in shapes),

@@ -45,6 +45,7 @@ class PackingPlan:
         max_fan_in: the longest row.
         row_offset: ``(R,)`` int64 on ``device``.
         row_fan_in: ``(R,)`` int32 on ``device``.
+        shape_likes: one storage-less ``meta`` tensor per weight; carries the shapes into torch's C++ unflatten.
     """
 
     shapes: tuple[torch.Size, ...]
@@ -58,6 +59,7 @@ class PackingPlan:
     max_fan_in: int
     row_offset: Tensor
     row_fan_in: Tensor
+    shape_likes: tuple[Tensor, ...]
 
 
 def build_plan(shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torch.device | str) -> PackingPlan:
@@ -91,6 +93,7 @@ def build_plan(shapes: Sequence[Sequence[int]], dtype: torch.dtype, device: torc
         max_fan_in=max(fan_ins),
         row_offset=row_offset.to(device),
         row_fan_in=row_fan_in.to(torch.int32).to(device),
+        shape_likes=tuple(torch.empty(s, device="meta") for s in sizes),
     )
 
 
@@ -127,6 +130,9 @@ def clear_plan_cache() -> None:
 def pack(tensors: Sequence[Tensor | None], plan: PackingPlan, dtype: torch.dtype | None = None) -> Tensor:
     """Concatenate ``tensors`` (shaped like the plan's weights; ``None`` means zeros) into one flat ``(total,)``."""
     dtype = plan.dtype if dtype is None else dtype
+    if all(t is not None and t.dtype == dtype for t in tensors):
+        # one C++ call (contiguous + view(-1) + cat) instead of two Python-level ops per tensor: host time matters
+        return torch._utils._flatten_dense_tensors(tensors)
     parts = []
     for t, numel in zip(tensors, plan.numels):
         if t is None:
@@ -138,11 +144,13 @@ def pack(tensors: Sequence[Tensor | None], plan: PackingPlan, dtype: torch.dtype
 
 def unpack(flat: Tensor, plan: PackingPlan) -> list[Tensor]:
     """Views of the flat ``(total,)`` buffer shaped like each weight of the plan."""
-    return [part.view(shape) for part, shape in zip(flat.split(plan.numels), plan.shapes)]
+    return list(torch._utils._unflatten_dense_tensors(flat, plan.shape_likes))
 
 
 def pack_gains(gains: Sequence[Tensor | None], plan: PackingPlan) -> Tensor:
     """One float32 ``(R,)`` gain per row; a weight without gain gets ones."""
+    if all(g is not None and g.numel() == o for g, o in zip(gains, plan.rows)):
+        return torch._utils._flatten_dense_tensors(gains).to(torch.float32)
     parts = []
     for i, (g, o) in enumerate(zip(gains, plan.rows)):
         if g is None:
