@@ -62,9 +62,10 @@ def find_dataset_dir(
             return d
         if len(missing) < len(required):
             partial.append(f"{d} lacks {', '.join(missing)}")
+    names = [n + "[.gz]" for n in required] if allow_gz else list(required)
     looked = ", ".join(str(d) for d in candidates)
     detail = f" ({'; '.join(partial)})" if partial else ""
     raise DatasetNotFoundError(
-        f"{dataset} not found: looked for {', '.join(required)} in {looked}{detail}. {how_to_get} "
+        f"{dataset} not found: looked for {', '.join(names)} in {looked}{detail}. {how_to_get} "
         f"(pass data_dir or set ${DATA_DIR_ENV} to point at another place)."
     )

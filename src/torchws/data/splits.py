@@ -70,7 +70,7 @@ def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float,
     values = np.arange(256, dtype=np.float64) / 255.0
     means, stds = [], []
     for c in range(images.shape[1]):
-        counts = np.bincount(images[:, c].reshape(-1).numpy(), minlength=256).astype(np.float64)
+        counts = np.bincount(images[:, c].reshape(-1).cpu().numpy(), minlength=256).astype(np.float64)
         total = counts.sum()
         mean = float((counts * values).sum() / total)
         var = float((counts * (values - mean) ** 2).sum() / total)
