@@ -19,7 +19,8 @@ def test_readme_api_tour_runs_as_written() -> None:
     globs: dict = {}
     for i, block in enumerate(examples):
         test = parser.get_doctest(block, globs, f"README block {i}", str(README), 0)
-        runner.run(test)
+        runner.run(test, clear_globs=False)
+        globs = test.globs  # later blocks build on earlier ones (DocTest copies the dict it is given)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{result.failed} README example(s) failed; see output above"
 
