@@ -1,0 +1,189 @@
+"""Training engine on tiny data: end-to-end run and its files, exact resume (epoch boundary and mid-epoch),
+gradient accumulation equivalence, atomic checkpoints, and the typed errors for bad runs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from torchws.data import TensorSplits
+from torchws.train import CheckpointError, ConfigError, RunDirError, TrainConfig, atomic_save, load_checkpoint, train
+from torchws.train.checkpoint import capture_rng, restore_rng
+from torchws.train.distributed import DistInfo
+from torchws.train.engine import Trainer
+from torchws.train.metrics import read_metrics
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads are many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_splits(n_train: int = 48, n_test: int = 24, size: int = 8, seed: int = 0) -> TensorSplits:
+    """Random uint8 images whose class is encoded in their brightness (learnable), 1 channel."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.randint(0, 4, (n,), generator=g)
+        noise = torch.randint(0, 60, (n, 1, size, size), generator=g)
+        return (noise + labels.view(-1, 1, 1, 1) * 60).to(torch.uint8), labels
+
+    (xtr, ytr), (xte, yte) = make(n_train), make(n_test)
+    return TensorSplits(xtr, ytr, xte, yte, 4, ["a", "b", "c", "d"], (0.45,), (0.25,), "tiny")
+
+
+def tiny_cfg(tmp_path: Path, **overrides) -> TrainConfig:
+    base = dict(model="cifar_resnet20_gn_ws", dataset="tiny", batch_size=8, epochs=2, lr=0.4, schedule="cosine",
+                warmup_epochs=0.5, out_dir=str(tmp_path / "run"), progress=False, tensorboard=False, plot=False,
+                deterministic=True, device="cpu", log_every=1)  # fmt: skip
+    return TrainConfig(**{**base, **overrides})
+
+
+def run_trainer(cfg: TrainConfig, splits: TensorSplits) -> Trainer:
+    trainer = Trainer(cfg.validate(), DistInfo(), torch.device("cpu"), splits, echo=False)
+    trainer.run()
+    return trainer
+
+
+def assert_same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
+def test_end_to_end_writes_run_files_and_learns(tmp_path):
+    splits = tiny_splits()
+    summary = train(tiny_cfg(tmp_path, epochs=3, plot=True), splits=splits, echo=False)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "curves.png", "last.pt", "best.pt"):
+        assert (run / name).is_file(), name
+    epochs = read_metrics(run / "metrics.jsonl", "epoch")
+    assert [r["epoch"] for r in epochs] == [1, 2, 3] and [r["step"] for r in epochs] == [6, 12, 18]
+    assert len(read_metrics(run / "metrics.jsonl", "train_step")) == 18
+    assert summary["steps"] == 18 and summary["final_test_acc"] == epochs[-1]["test_acc"]
+    assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    state = load_checkpoint(run / "last.pt")
+    assert state["config"]["model"] == "cifar_resnet20_gn_ws" and state["epoch"] == 3 and state["step"] == 18
+    assert set(state) >= {"model", "optimizer", "scheduler", "scaler", "rng", "history"}
+    assert json.loads((run / "summary.json").read_text())["steps"] == 18
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """train 2 epochs == train 1 epoch, resume, train 1 more (step schedule: its shape does not depend on the
+    number of epochs, so the 1-epoch run uses the same lrs as the first half of the 2-epoch run)."""
+    splits = tiny_splits()
+    recipe = dict(schedule="step", milestones=(1,), gamma=0.5)
+    straight = run_trainer(tiny_cfg(tmp_path / "a", epochs=2, **recipe), splits)
+    run_trainer(tiny_cfg(tmp_path / "b", epochs=1, **recipe), splits)
+    resumed = run_trainer(tiny_cfg(tmp_path / "b", epochs=2, resume="auto", **recipe), splits)
+    assert resumed.step == straight.step == 12
+    assert_same_params(straight.model, resumed.model)
+    assert_same_params_dict(straight.optimizer.state_dict(), resumed.optimizer.state_dict())
+    # metrics.jsonl of the resumed run reads as one run
+    assert [r["epoch"] for r in read_metrics(tmp_path / "b/run/metrics.jsonl", "epoch")] == [1, 2]
+
+
+def test_resume_mid_epoch_is_bit_exact(tmp_path):
+    splits = tiny_splits()
+    recipe = dict(epochs=2, augment="crop_flip", schedule="step", milestones=(1,), gamma=0.5)
+    straight = run_trainer(tiny_cfg(tmp_path / "a", **recipe), splits)
+    first = run_trainer(tiny_cfg(tmp_path / "b", max_steps=8, **recipe), splits)
+    assert first.step == 8 and load_checkpoint(tmp_path / "b/run/last.pt")["batch_in_epoch"] == 2
+    resumed = run_trainer(tiny_cfg(tmp_path / "b", resume=str(tmp_path / "b/run/last.pt"), **recipe), splits)
+    assert resumed.step == 12
+    assert_same_params(straight.model, resumed.model)
+
+
+def assert_same_params_dict(a: dict, b: dict) -> None:
+    for key in a["state"]:
+        assert torch.equal(a["state"][key]["momentum_buffer"], b["state"][key]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("model", ["cifar_resnet20_gn_ws", "cifar_resnet20_gn"])
+def test_accumulation_matches_one_big_batch(tmp_path, model):
+    """2 micro-batches of 4 accumulate the gradient of one batch of 8 (GN: no batch dependence): after one step
+    the momentum buffers (= gradient + weight decay) agree to fp32 rounding."""
+    splits = tiny_splits(n_train=16)
+    common = dict(model=model, epochs=1, max_steps=1, warmup_epochs=0.0, schedule="constant")
+    big = run_trainer(tiny_cfg(tmp_path / "big", batch_size=8, **common), splits)
+    acc = run_trainer(tiny_cfg(tmp_path / "acc", batch_size=4, accum_steps=2, **common), splits)
+    assert acc.schedule.peak_lr == big.schedule.peak_lr
+    a, b = big.optimizer.state_dict()["state"], acc.optimizer.state_dict()["state"]
+    assert len(a) == len(list(big.model.parameters()))
+    for key in a:
+        torch.testing.assert_close(a[key]["momentum_buffer"], b[key]["momentum_buffer"], rtol=1e-4, atol=1e-6)
+
+
+def test_existing_checkpoints_are_not_overwritten(tmp_path):
+    splits = tiny_splits()
+    cfg = tiny_cfg(tmp_path, epochs=1)
+    train(cfg, splits=splits, echo=False)
+    last = tmp_path / "run/last.pt"
+    before = last.read_bytes()
+    with pytest.raises(RunDirError, match="--resume auto"):
+        train(cfg, splits=splits, echo=False)
+    assert last.read_bytes() == before
+    train(tiny_cfg(tmp_path, epochs=1, overwrite=True, seed=1), splits=splits, echo=False)
+    assert last.read_bytes() != before
+
+
+def test_bad_checkpoints_raise_typed_errors(tmp_path):
+    splits = tiny_splits()
+    train(tiny_cfg(tmp_path, epochs=1, model="cifar_resnet20_bn"), splits=splits, echo=False)
+    last = tmp_path / "run/last.pt"
+    with pytest.raises(CheckpointError, match="cifar_resnet20_bn"):
+        train(tiny_cfg(tmp_path / "x", resume=str(last)), splits=splits, echo=False)
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        train(tiny_cfg(tmp_path / "y", resume=str(truncated)), splits=splits, echo=False)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(tiny_cfg(tmp_path / "z", resume=str(tmp_path / "nope.pt")), splits=splits, echo=False)
+    assert not (tmp_path / "x/run").exists() and not (tmp_path / "y/run").exists()  # nothing written
+
+
+def test_unknown_model_and_small_images(tmp_path):
+    splits = tiny_splits()
+    with pytest.raises(ConfigError, match="unknown model 'nope'"):
+        train(tiny_cfg(tmp_path, model="nope"), splits=splits, echo=False)
+    with pytest.raises(ConfigError, match="at least 112 px"):
+        train(tiny_cfg(tmp_path, model="resnet50_gn_ws"), splits=splits, echo=False)
+    with pytest.raises(ConfigError, match="fewer than one optimizer step"):
+        train(tiny_cfg(tmp_path, batch_size=64), splits=splits, echo=False)
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    atomic_save({"v": torch.tensor([1.0])}, path)
+    real_save = torch.save
+
+    def crash(obj, f, *args, **kwargs):
+        real_save(obj, f, *args, **kwargs)
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save({"v": torch.tensor([2.0])}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["v"].item() == 1.0
+    assert os.listdir(tmp_path) == ["last.pt"]  # the temp file is gone
+
+
+def test_rng_capture_restore_round_trip():
+    import random
+
+    import numpy as np
+
+    state = capture_rng()
+    a = (random.random(), np.random.rand(), torch.rand(3))
+    restore_rng(state)
+    b = (random.random(), np.random.rand(), torch.rand(3))
+    assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
