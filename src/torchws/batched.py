@@ -1,0 +1,357 @@
+"""Model-level Weight Standardization: one pass per forward standardizes every WS weight of a model at once.
+
+Per-layer WS runs a handful of small ops per layer (reshape, batch_norm, reshape; the same again in backward). At
+small batch sizes those launches (GPU) or dispatches (CPU) cost as much as the convolutions. :func:`enable_batched_ws`
+registers a forward pre-hook on the root model that computes all standardized weights in one pass and hands them to
+the layers with ``layer.set_standardized_weight(t)``; a forward hook clears them again, so a layer called on its own
+(outside the root's forward), or any layer after ``handle.remove()``, computes its weight per layer as before.
+
+Grouping: layers are grouped by (preset, eps, dtype, device, fan-in n, gain/shift present). Each group is one
+``torch.cat`` of the weights viewed as rows ``(sum O_i, n)``, ONE :func:`~torchws.functional.standardize_rows` call,
+one gain (and shift) op, and one ``split`` into per-layer views. When all weights of a group share their trailing
+shape and layout (the usual case: same in-channels and kernel), the weights are concatenated as they are and the
+split chunks already have the weights' shapes, so no per-layer reshape is left. ``backend="triton"`` sends every
+group of one (preset, eps, dtype, device) to one multi-tensor kernel launch (:mod:`torchws.kernels.triton_ws`).
+
+Rows and memory layout: a row's statistics do not depend on the order of its elements, so a channels_last conv
+weight ``(O, C, kh, kw)`` is read as rows through ``permute(0, 2, 3, 1)``, a view: no copy in, none out.
+
+Per-layer fallback (the layer keeps computing its own weight; results are identical, only slower):
+    * the layer has forward pre-hooks (pruning and similar reparametrisations recompute ``weight`` there, after the
+      root's pre-hook would have read it) or a parametrized ``weight`` (``torch.nn.utils.parametrize``);
+    * its class overrides ``standardized_weight`` / ``compute_standardized_weight`` (a custom formula);
+Global module hooks (``register_module_forward_pre_hook``) are not inspected.
+
+Semantics to know: the pass standardizes every batchable WS layer the model owns, used in this forward or not, so a
+registered-but-unused layer gets ``weight.grad`` of zeros instead of ``None`` (concat/split backward). The plan is
+built once and rebuilt when a weight's identity, dtype, device, shape, strides, gain/shift or pre-hooks change;
+after adding or removing WS layers call :meth:`BatchedWS.refresh`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from torchws.functional import standardize_rows
+from torchws.layers.ws import WSMixin
+from torchws.presets import Preset
+
+__all__ = ["BatchedWS", "auto_enable", "batched_standardize", "disable_batched_ws", "enable_batched_ws", "find_handle"]
+
+BACKENDS = ("auto", "torch", "triton")
+ENV_DISABLE = "TORCHWS_BATCHED"  # "0" turns auto_enable off
+
+
+# --- rows of a weight, without copies where the layout allows -------------------------------------------------------
+def _layout(w: Tensor) -> str:
+    """'contiguous', 'channels_last' (4-D), or 'other' (needs the layer's own ws_rows/ws_from_rows)."""
+    if w.is_contiguous():
+        return "contiguous"
+    if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        return "channels_last"
+    return "other"
+
+
+def _rows_view(w: Tensor, layout: str) -> Tensor:
+    """(O, ...) weight -> (O, n) rows as a view; a channels_last filter is read in memory order (H, W, C)."""
+    if layout == "channels_last":
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+    return w.view(w.shape[0], -1)
+
+
+def _unrows_view(rows: Tensor, shape: torch.Size, layout: str) -> Tensor:
+    """Inverse of :func:`_rows_view`: rows (O, n) -> a view shaped ``shape`` with the original layout."""
+    if layout == "channels_last":
+        o, c, kh, kw = shape
+        return rows.view(o, kh, kw, c).permute(0, 3, 1, 2)
+    return rows.view(shape)
+
+
+def _layer_rows(layer: WSMixin, layout: str) -> Tensor:
+    if layer.ws_transposed or layout == "other":
+        return layer.ws_rows()
+    return _rows_view(layer.weight, layout)
+
+
+def _layer_unrows(layer: WSMixin, rows: Tensor, layout: str) -> Tensor:
+    if layer.ws_transposed or layout == "other":
+        return layer.ws_from_rows(rows)
+    return _unrows_view(rows, layer.weight.shape, layout)
+
+
+# --- the plan: which layers are batched, and how they are grouped -------------------------------------------------
+@dataclass(eq=False)
+class _Group:
+    preset: Preset
+    eps: float
+    layers: tuple[WSMixin, ...]
+    layouts: tuple[str, ...]
+    sizes: tuple[int, ...]  # output channels (rows) per layer
+    natural: bool  # same trailing shape and layout, not transposed: concatenate the weights themselves
+    gain: bool
+    shift: bool
+
+
+def batchable(layer: nn.Module) -> bool:
+    """Whether the model-level pass may compute ``layer``'s standardized weight (see the module docstring)."""
+    if not isinstance(layer, WSMixin):
+        return False
+    cls = type(layer)
+    if (
+        cls.standardized_weight is not WSMixin.standardized_weight
+        or cls.compute_standardized_weight is not WSMixin.compute_standardized_weight
+    ):
+        return False
+    if layer._forward_pre_hooks or "weight" in getattr(layer, "parametrizations", {}):  # type: ignore[attr-defined]
+        return False
+    w = layer.weight
+    return isinstance(w, Tensor) and w.is_floating_point()
+
+
+def _layer_signature(layer: WSMixin) -> tuple:
+    # id() of the weight is safe: the plan holds a reference to every weight it was built from
+    p = layer._parameters  # type: ignore[attr-defined]  # direct dict reads: this runs every forward
+    w = p.get("weight")
+    if w is None:
+        w = layer.weight
+    return (id(w), w.dtype, w.device, w.shape, w.stride(), p.get("gain") is None, p.get("shift") is None,
+            len(layer._forward_pre_hooks))  # type: ignore[attr-defined]
+
+
+def _make_groups(layers: Sequence[WSMixin]) -> list[_Group]:
+    buckets: dict[tuple, list[tuple[WSMixin, str]]] = {}
+    for layer in layers:
+        w = layer.weight
+        key = (layer.ws_preset, layer.ws_eps, w.dtype, w.device, layer.ws_fan_in, layer.gain is not None,
+               layer.shift is not None)
+        buckets.setdefault(key, []).append((layer, _layout(w)))
+    groups = []
+    for (preset, eps, _, _, _, gain, shift), members in buckets.items():
+        ls = tuple(m[0] for m in members)
+        layouts = tuple(m[1] for m in members)
+        natural = (
+            not any(layer.ws_transposed for layer in ls)
+            and len({layer.weight.shape[1:] for layer in ls}) == 1
+            and len(set(layouts)) == 1
+            and layouts[0] != "other"
+        )
+        sizes = tuple(layer.ws_out_channels for layer in ls)
+        groups.append(_Group(preset, eps, ls, layouts, sizes, natural, gain, shift))
+    return groups
+
+
+def _affine(rows: Tensor, group: _Group, scale_only: bool = False) -> Tensor:
+    """rows * gain + shift for a whole group: one cat per parameter kind and one op."""
+    if group.gain:
+        g = group.layers[0].gain if len(group.layers) == 1 else torch.cat([layer.gain for layer in group.layers])
+        rows = rows * g.unsqueeze(1).to(rows.dtype)
+    if group.shift and not scale_only:
+        s = group.layers[0].shift if len(group.layers) == 1 else torch.cat([layer.shift for layer in group.layers])
+        rows = rows + s.unsqueeze(1).to(rows.dtype)
+    return rows
+
+
+def _standardize_group_torch(group: _Group) -> list[Tensor]:
+    """One cat, one standardize_rows, one affine, one split for the whole group. Returns weight-shaped tensors."""
+    ls = group.layers
+    if group.natural:
+        layout = group.layouts[0]
+        full = ls[0].weight if len(ls) == 1 else torch.cat([layer.weight for layer in ls])  # (sum O, *trailing)
+        y = _affine(standardize_rows(_rows_view(full, layout), preset=group.preset, eps=group.eps), group)
+        out = _unrows_view(y, full.shape, layout)
+        return [out] if len(ls) == 1 else list(out.split(group.sizes))
+    parts = [_layer_rows(layer, lay) for layer, lay in zip(ls, group.layouts)]
+    rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum O, n)
+    y = _affine(standardize_rows(rows, preset=group.preset, eps=group.eps), group)
+    chunks = [y] if len(ls) == 1 else y.split(group.sizes)
+    return [_layer_unrows(layer, c, lay) for layer, c, lay in zip(ls, chunks, group.layouts)]
+
+
+# --- triton backend ---------------------------------------------------------------------------------------------
+def _triton_module():
+    try:
+        import torchws.kernels as kernels  # light: imports triton only when a kernel runs
+    except ImportError:
+        return None
+    return kernels
+
+
+def _standardize_groups_triton(groups: Sequence[_Group], kernel) -> dict[WSMixin, Tensor]:
+    """All groups sharing (preset, eps, dtype, device) go to one multi-tensor launch."""
+    out: dict[WSMixin, Tensor] = {}
+    launches: dict[tuple, list[tuple[WSMixin, str, bool]]] = {}
+    for g in groups:
+        w = g.layers[0].weight
+        for layer, lay in zip(g.layers, g.layouts):
+            launches.setdefault((g.preset, g.eps, w.dtype, w.device), []).append((layer, lay, g.shift))
+    for (preset, eps, _, _), members in launches.items():
+        rows = [_layer_rows(layer, lay) for layer, lay, _ in members]  # (O_i, n_i) views where the layout allows
+        gains = [layer.gain for layer, _, _ in members]
+        ys = kernel.multi_standardize(
+            rows, mode=preset.eps_placement, eps=eps, variance=preset.variance,
+            gains=None if all(g is None for g in gains) else gains,
+        )  # fmt: skip
+        for (layer, lay, shift), y in zip(members, ys):
+            if shift:
+                y = y + layer.shift.unsqueeze(1).to(y.dtype)
+            out[layer] = _layer_unrows(layer, y, lay)
+    return out
+
+
+def _resolve_backend(backend: str, group: _Group, kernel) -> str:
+    if backend == "torch" or kernel is None:
+        return "torch"
+    if torch.compiler.is_compiling():  # the graph compiler fuses the torch ops itself
+        return "torch"
+    if backend == "triton":
+        return "triton"
+    return "triton" if kernel.is_available(group.layers[0].weight.device) else "torch"
+
+
+def batched_standardize(groups: Sequence[_Group], backend: str = "auto") -> dict[WSMixin, Tensor]:
+    """Standardized weights (gain and shift applied) of every layer in ``groups``, keyed by layer."""
+    kernel = None if backend == "torch" else _triton_module()
+    if backend == "triton" and kernel is None:
+        raise RuntimeError("batched WS: backend='triton' needs torchws.kernels (and triton); use backend='auto'")
+    out: dict[WSMixin, Tensor] = {}
+    triton_groups = []
+    for g in groups:
+        if _resolve_backend(backend, g, kernel) == "triton":
+            triton_groups.append(g)
+        else:
+            out.update(zip(g.layers, _standardize_group_torch(g)))
+    if triton_groups:
+        out.update(_standardize_groups_triton(triton_groups, kernel))
+    return out
+
+
+# --- the handle ---------------------------------------------------------------------------------------------------
+class BatchedWS:
+    """Handle of a model's batched WS pass (returned by :func:`enable_batched_ws`).
+
+    Attributes:
+        model: the root module whose forward triggers the pass.
+        backend: "auto", "torch" or "triton".
+        paused: while True the hooks do nothing (used by :func:`torchws.accumulate.ws_accumulation`).
+    """
+
+    def __init__(self, model: nn.Module, backend: str = "auto") -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"enable_batched_ws: backend must be one of {BACKENDS}, got {backend!r}")
+        self.model = model
+        self.backend = backend
+        self.paused = False
+        self._layers: tuple[WSMixin, ...] = ()
+        self._weights: tuple[Tensor, ...] = ()
+        self._signature: tuple = ()
+        self._groups: list[_Group] = []
+        self.refresh()
+        self._pre = model.register_forward_pre_hook(self._pre_hook)
+        self._post = model.register_forward_hook(self._post_hook, always_call=True)
+
+    def refresh(self) -> None:
+        """Rescan the model for WS layers and regroup them (after model surgery)."""
+        self._layers = tuple(m for m in self.model.modules() if batchable(m))  # type: ignore[misc]
+        self._weights = tuple(m.weight for m in self._layers)
+        self._signature = tuple(_layer_signature(m) for m in self._layers)
+        self._groups = _make_groups(self._layers)
+
+    @property
+    def layers(self) -> tuple[WSMixin, ...]:
+        """The layers the pass computes (layers not listed run per layer)."""
+        return self._layers
+
+    @property
+    def groups(self) -> list[_Group]:
+        return self._groups
+
+    def _check_plan(self) -> None:
+        # under torch.compile the compiler's guards take this role (and id() is not traceable)
+        if not torch.compiler.is_compiling() and tuple(map(_layer_signature, self._layers)) != self._signature:
+            self.refresh()
+
+    def standardize(self) -> dict[WSMixin, Tensor]:
+        """Compute every batched layer's standardized weight now (with autograd graph when grad is enabled)."""
+        self._check_plan()
+        return batched_standardize(self._groups, self.backend)
+
+    def _pre_hook(self, module: nn.Module, args: tuple) -> None:
+        if self.paused:
+            return
+        for layer, w in self.standardize().items():
+            layer.set_standardized_weight(w)
+
+    def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
+        if self.paused:
+            return
+        for layer in self._layers:
+            layer.set_standardized_weight(None)
+
+    def remove(self) -> None:
+        """Unregister the hooks; every layer computes its weight per layer again."""
+        self._pre.remove()
+        self._post.remove()
+        for layer in self._layers:
+            layer.set_standardized_weight(None)
+
+    def __repr__(self) -> str:
+        return f"BatchedWS(layers={len(self._layers)}, groups={len(self._groups)}, backend={self.backend!r})"
+
+
+def find_handle(model: nn.Module) -> BatchedWS | None:
+    """The :class:`BatchedWS` registered on ``model``, if any (found through its hooks, so it survives deepcopy)."""
+    for hook in model._forward_pre_hooks.values():
+        owner = getattr(hook, "__self__", None)
+        if isinstance(owner, BatchedWS):
+            return owner
+    return None
+
+
+def enable_batched_ws(model: nn.Module, *, backend: str = "auto") -> BatchedWS:
+    """Standardize all WS weights of ``model`` in one pass per forward of ``model``.
+
+    Args:
+        model: the root module (call it as before; its submodules called on their own still work per layer).
+        backend: "torch" (grouped torch ops, any device), "triton" (one multi-tensor kernel launch per
+            (preset, eps, dtype, device); raises if unavailable) or "auto" (triton on CUDA when available, else torch;
+            always torch while ``torch.compile`` traces).
+
+    Returns:
+        The :class:`BatchedWS` handle; ``handle.remove()`` or :func:`disable_batched_ws` undoes it. Enabling twice
+        returns the existing handle (with the new backend).
+    """
+    handle = find_handle(model)
+    if handle is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"enable_batched_ws: backend must be one of {BACKENDS}, got {backend!r}")
+        handle.backend = backend
+        handle.refresh()
+        return handle
+    return BatchedWS(model, backend)
+
+
+def disable_batched_ws(model: nn.Module) -> bool:
+    """Remove the batched pass from ``model``; returns whether one was registered."""
+    handle = find_handle(model)
+    if handle is None:
+        return False
+    handle.remove()
+    return True
+
+
+def auto_enable(model: nn.Module, *, enabled: bool | None = None, backend: str = "auto") -> BatchedWS | None:
+    """What model builders and ``torchws.convert`` call: enable the batched pass if ``model`` has WS layers.
+
+    ``enabled=None`` reads the environment variable ``TORCHWS_BATCHED`` ("0", "false", "off" disable it);
+    ``enabled=False`` does nothing. Returns the handle, or None when nothing was enabled.
+    """
+    if enabled is None:
+        enabled = os.environ.get(ENV_DISABLE, "1").strip().lower() not in ("0", "false", "off", "no")
+    if not enabled or not any(batchable(m) for m in model.modules()):
+        return None
+    return enable_batched_ws(model, backend=backend)
