@@ -106,14 +106,16 @@ def assert_same_params_dict(a: dict, b: dict) -> None:
         assert torch.equal(a["state"][key]["momentum_buffer"], b["state"][key]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("model", ["cifar_resnet20_gn_ws", "cifar_resnet20_gn"])
-def test_accumulation_matches_one_big_batch(tmp_path, model):
+@pytest.mark.parametrize("model, once", [("cifar_resnet20_gn_ws", True), ("cifar_resnet20_gn_ws", False),
+                                         ("cifar_resnet20_gn", True)])
+def test_accumulation_matches_one_big_batch(tmp_path, model, once):
     """2 micro-batches of 4 accumulate the gradient of one batch of 8 (GN: no batch dependence): after one step
     the momentum buffers (= gradient + weight decay) agree to fp32 rounding."""
     splits = tiny_splits(n_train=16)
     common = dict(model=model, epochs=1, max_steps=1, warmup_epochs=0.0, schedule="constant")
     big = run_trainer(tiny_cfg(tmp_path / "big", batch_size=8, **common), splits)
-    acc = run_trainer(tiny_cfg(tmp_path / "acc", batch_size=4, accum_steps=2, **common), splits)
+    acc = run_trainer(tiny_cfg(tmp_path / "acc", batch_size=4, accum_steps=2, ws_accumulate_once=once, **common),
+                      splits)
     assert acc.schedule.peak_lr == big.schedule.peak_lr
     a, b = big.optimizer.state_dict()["state"], acc.optimizer.state_dict()["state"]
     assert len(a) == len(list(big.model.parameters()))

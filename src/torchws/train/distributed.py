@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
-__all__ = ["DistInfo", "all_reduce_grads", "all_reduce_sum", "cleanup_distributed", "init_distributed", "pick_device"]
+__all__ = ["DistInfo", "all_reduce_sum", "cleanup_distributed", "init_distributed", "pick_device"]
 
 
 @dataclass(frozen=True)
@@ -71,19 +70,3 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
-
-
-def all_reduce_grads(model: nn.Module, info: DistInfo) -> None:
-    """Average ``.grad`` over ranks by hand, for steps whose backward ran outside DDP's reducer (``no_sync``)."""
-    if not info.enabled:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= info.world_size
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()

@@ -9,6 +9,7 @@ the model is built with ``in_chans`` = the dataset's channels.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -83,12 +84,19 @@ def check_image_size(model_name: str, image_size: int, dataset: str) -> None:
                           f"{image_size} px images{hint}")  # fmt: skip
 
 
+def check_model_name(name: str) -> None:
+    """Raise ConfigError for an unregistered model, with close matches and every valid name."""
+    valid = tmodels.list_models()
+    if name in valid:
+        return
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise ConfigError(f"--model: unknown model {name!r}; {hint}valid names: {', '.join(valid)}")
+
+
 def build_model(cfg: TrainConfig, num_classes: int, channels: int) -> nn.Module:
     """``create_model`` with the dataset's classes and channels; unknown names become ConfigError."""
-    try:
-        tmodels.get_model_info(cfg.model)
-    except ValueError as e:
-        raise ConfigError(f"--model: {e}") from None
+    check_model_name(cfg.model)
     return tmodels.create_model(cfg.model, num_classes=num_classes, in_chans=channels)
 
 
@@ -148,10 +156,7 @@ def build_inputs(
         ConfigError: unknown dataset or model name, images too small for the model, too few images.
         DatasetNotFoundError / DatasetFormatError: from torchws.data.
     """
-    try:
-        tmodels.get_model_info(cfg.model)
-    except ValueError as e:
-        raise ConfigError(f"--model: {e}") from None
+    check_model_name(cfg.model)
     if splits is None:
         if cfg.dataset.lower().replace("-", "_") not in tdata.list_datasets():
             raise ConfigError(f"--dataset: unknown dataset {cfg.dataset!r}; valid names: "

@@ -74,5 +74,7 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None =
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     line = "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    body = ["| " + " | ".join(v.rjust(w) for v, w in zip(row, widths)) + " |" for row in cells]
+    numeric = [all(isinstance(r.get(c), (int, float)) for r in rows) for c in columns]  # numbers right, text left
+    body = ["| " + " | ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(row, widths, numeric)) + " |"
+            for row in cells]  # fmt: skip
     return "\n".join([line, rule, *body])

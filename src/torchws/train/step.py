@@ -1,44 +1,28 @@
 """One optimizer step over ``accum_steps`` micro-batches, spelled out: forward, loss / accum_steps, backward,
 with DDP's gradient all-reduce only on the last micro-batch (``no_sync`` on the others).
 
-With ``ws_accumulate_once`` and a model that has WS layers, the micro-batches run inside torchws's accumulation
-context, which standardizes every WS weight once for the whole step and sends the accumulated gradient through the
-standardization once on exit. Under DDP that last backward happens outside DDP's reducer, so every micro-batch runs
-under ``no_sync`` and the gradients are averaged over ranks by hand afterwards (same result, one flat all-reduce).
+With ``ws_accumulate_once`` and a model that has WS layers, the micro-batches run inside
+:func:`torchws.accumulate.ws_accumulation` (``steps=accum_steps``): every WS weight is standardized once for the
+whole step, and the gradient accumulated w.r.t. the standardized weights rides on the last micro-batch's backward,
+so DDP all-reduces it as usual.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from torchws.accumulate import ws_accumulation
 from torchws.layers import WSMixin
 
-from .distributed import DistInfo, all_reduce_grads
+from .distributed import DistInfo
 
-__all__ = ["StepStats", "accumulation_context", "train_step"]
+__all__ = ["StepStats", "train_step"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def accumulation_context() -> Callable[[nn.Module], Any] | None:
-    """torchws's 'standardize once per optimizer step' context manager factory, or None if this build lacks it."""
-    try:
-        from torchws.accumulate import ws_accumulation  # type: ignore[import-not-found]
-
-        return ws_accumulation
-    except ImportError:
-        pass
-    try:
-        from torchws.batched import accumulation  # type: ignore[attr-defined]
-
-        return accumulation
-    except ImportError:
-        return None
 
 
 class StepStats:
@@ -82,19 +66,14 @@ def train_step(
     The caller zeroes the gradients before and steps the optimizer after.
     """
     n = len(micro_batches)
-    factory = accumulation_context() if ws_accumulate_once and n > 1 else None
-    once = factory is not None and any(isinstance(m, WSMixin) for m in model.modules())
-    by_hand = once and info.enabled
-    outer = factory(model) if once else contextlib.nullcontext()
-    with outer:
+    once = ws_accumulate_once and n > 1 and any(isinstance(m, WSMixin) for m in model.modules())
+    backend = "auto" if device.type == "cuda" else "torch"  # the triton kernel is for GPUs only
+    with ws_accumulation(wrapped, steps=n, backend=backend) if once else contextlib.nullcontext():
         for i, batch in enumerate(micro_batches):
             images, labels = _prepare(batch, device, channels_last)
-            skip_sync = info.enabled and (by_hand or i < n - 1)
-            with wrapped.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+            with wrapped.no_sync() if info.enabled and i < n - 1 else contextlib.nullcontext():  # type: ignore[operator]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = wrapped(images)
                 loss = nn.functional.cross_entropy(logits.float(), labels)
                 (loss / n).backward()
             stats.add(logits, labels, loss)
-    if by_hand:
-        all_reduce_grads(model, info)
