@@ -1,0 +1,360 @@
+"""What Weight Standardization costs, per implementation, measured side by side in one process.
+
+Variants (all built from the same plain-conv GroupNorm network, same weights):
+    gn              plain convs (the baseline every ratio divides by)
+    authors         authors'-code-style WS conv (unbiased std + 1e-5 outside, ``.view``; fails on channels_last)
+    timm            timm-style WS conv (``F.batch_norm`` on the weight)
+    torchws         torchws ``WSConv2d``, per-layer path
+    batched         torchws with ``enable_batched_ws(backend="torch")``
+    batched_triton  torchws with ``enable_batched_ws(backend="triton")`` (CUDA only)
+    folded          ``torchws.convert.fold`` of the torchws model (plain convs again)
+
+Parts:
+    (a) WS alone on all conv weights of ResNet-50, forward + backward, beside the memory floor (bytes moved divided
+        by the measured copy bandwidth);
+    (b) whole SGD training steps (zero_grad, forward, cross-entropy, backward, step) per model / batch / precision.
+Variants are interleaved round by round (order rotated each round) and medians reported, because the machines
+are shared and host timings drift. Not a test: it prints a table and writes JSON (``--out``).
+
+    python benchmarks/bench_ws.py --device cpu --out cpu.json            # CIFAR ResNet-20/18 at batch 1, 2, 32
+    python benchmarks/bench_ws.py --device cuda --out gpu.json           # ResNet-50, fp32 and bf16+channels_last
+    python benchmarks/bench_ws.py --device cuda --check                  # batched (triton/torch) vs per layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import AuthorsWSConv2d, TimmStdConv2d, swap_convs  # noqa: E402
+
+from torchws.batched import BatchedWS, enable_batched_ws  # noqa: E402
+from torchws.layers.ws import WSConv2d, WSMixin  # noqa: E402
+
+IMAGE = {"cifar_resnet20": (3, 32, 32, 10), "cifar_resnet18": (3, 32, 32, 10), "resnet50": (3, 224, 224, 1000)}
+
+
+# --- models ---------------------------------------------------------------------------------------------------
+def build_base(name: str) -> nn.Module:
+    """The plain-conv GN model ``name`` from the model zoo (``name + "_gn"``)."""
+    from torchws.models import create_model
+
+    return create_model(f"{name}_gn", num_classes=IMAGE[name][3])
+
+
+def make_variant(kind: str, base: nn.Module) -> nn.Module | str:
+    """A deep copy of ``base`` with ``kind``'s convs, or a string saying why the variant is skipped."""
+    m = copy.deepcopy(base)
+    if kind == "gn":
+        return m
+    if kind in ("authors", "timm"):
+        return swap_convs(m, AuthorsWSConv2d if kind == "authors" else TimmStdConv2d)
+    swap_convs(m, WSConv2d)
+    if kind == "torchws":
+        return m
+    if kind == "batched":
+        enable_batched_ws(m, backend="torch")
+        return m
+    if kind == "batched_triton":
+        import torchws.kernels as kernels
+
+        if not kernels.is_available(next(m.parameters()).device):
+            return "triton kernel not available on this device"
+        enable_batched_ws(m, backend="triton")
+        return m
+    if kind == "folded":
+        try:
+            from torchws.convert import fold
+        except ImportError:
+            return "torchws.convert.fold not available"
+        return fold(m)
+    raise ValueError(f"bench_ws: unknown variant {kind!r}")
+
+
+# --- timing ---------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int, device: torch.device, budget_s: float,
+                warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, str]]:  # fmt: skip
+    """Per-call seconds of each fn, round-robin with rotated order; fns that raise in warm-up are reported."""
+    errors: dict[str, str] = {}
+    live = {}
+    for name, fn in fns.items():
+        try:
+            for _ in range(warmup):
+                fn()
+            live[name] = fn
+        except RuntimeError as e:
+            errors[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+    _sync(device)
+    t0 = time.perf_counter()
+    for fn in live.values():
+        fn()
+    _sync(device)
+    round_s = max(time.perf_counter() - t0, 1e-9)
+    reps = max(5, min(reps, int(budget_s / round_s)))
+    times: dict[str, list[float]] = {n: [] for n in live}
+    names = list(live)
+    for r in range(reps):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            _sync(device)
+            t = time.perf_counter()
+            live[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t)
+    return times, errors
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None) -> Callable[[], None]:
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    rows = []
+    for name in args.models:
+        base = build_base(name).to(device)
+        c, h, w, classes = IMAGE[name]
+        for precision in args.precisions:
+            cl = precision == "bf16_cl"
+            for batch in args.batches:
+                torch.manual_seed(0)
+                x = torch.randn(batch, c, h, w, device=device)
+                y = torch.randint(0, classes, (batch,), device=device)
+                if cl:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                fns, skipped = {}, {}
+                for kind in args.variants:
+                    m = make_variant(kind, base)
+                    if isinstance(m, str):
+                        skipped[kind] = m
+                        continue
+                    if cl:
+                        m = m.to(memory_format=torch.channels_last)
+                    fns[kind] = train_step_fn(m, x, y, torch.bfloat16 if cl else None)
+                times, errors = interleaved(fns, args.reps, device, args.budget_s)
+                rows += report_config(name, precision, batch, times, {**skipped, **errors})
+    return rows
+
+
+def report_config(model: str, precision: str, batch: int, times: dict[str, list[float]],
+                  notes: dict[str, str]) -> list[dict]:  # fmt: skip
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    base = med.get("gn")
+    print(f"\n{model}  {precision}  batch {batch}  (median ms per SGD step, {len(next(iter(times.values())))} "
+          "interleaved rounds)")  # fmt: skip
+    rows = []
+    for k, ms in med.items():
+        ratio = ms / base if base else None
+        iqr = statistics.quantiles(times[k], n=4) if len(times[k]) >= 4 else [ms / 1e3] * 3
+        print(f"  {k:<16}{ms:>10.2f} ms  {'' if ratio is None else f'{ratio:6.3f}x'}   "
+              f"(q1 {iqr[0] * 1e3:.2f}, q3 {iqr[2] * 1e3:.2f})")  # fmt: skip
+        rows.append(dict(model=model, precision=precision, batch=batch, variant=k, median_ms=ms, ratio_to_gn=ratio,
+                         q1_ms=iqr[0] * 1e3, q3_ms=iqr[2] * 1e3, rounds=len(times[k])))  # fmt: skip
+    for k, why in notes.items():
+        print(f"  {k:<16}skipped: {why}")
+        rows.append(dict(model=model, precision=precision, batch=batch, variant=k, skipped=why))
+    return rows
+
+
+# --- (a) WS alone on the ResNet-50 conv weights ---------------------------------------------------------------
+def _authors_ws(w: torch.Tensor) -> torch.Tensor:
+    w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    return w / (w.view(w.size(0), -1).std(dim=1).view(-1, 1, 1, 1) + 1e-5)
+
+
+def _timm_ws(w: torch.Tensor) -> torch.Tensor:
+    return F.batch_norm(w.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=1e-6).reshape_as(w)
+
+
+def _in_order(by_layer: dict, layers: list) -> list[torch.Tensor]:
+    return [by_layer[m] for m in layers]
+
+
+def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
+    model = swap_convs(build_base("resnet50"), WSConv2d).to(device)
+    layers = [m for m in model.modules() if isinstance(m, WSMixin)]
+    weights = [m.weight for m in layers]
+    numel = sum(w.numel() for w in weights)
+    grads = [torch.randn_like(w) for w in weights]
+    handle = BatchedWS(model, backend="torch")
+    cases: dict[str, Callable[[], list[torch.Tensor]]] = {
+        "authors_per_layer": lambda: [_authors_ws(w) for w in weights],
+        "timm_per_layer": lambda: [_timm_ws(w) for w in weights],
+        "torchws_per_layer": lambda: [m.compute_standardized_weight() for m in layers],
+        "batched_torch": lambda: _in_order(handle.standardize(), layers),
+    }
+    if device.type == "cuda":
+        import torchws.kernels as kernels
+
+        if kernels.is_available(device):
+            tri = BatchedWS(copy.deepcopy(model), backend="triton")
+            tri_layers = [m for m in tri.model.modules() if isinstance(m, WSMixin)]
+            for m, src in zip(tri_layers, layers):
+                m.weight = src.weight  # same tensors, so the same grads buffers are written
+            tri.refresh()
+            cases["batched_triton"] = lambda: _in_order(tri.standardize(), tri_layers)
+
+    def fwd_bwd(fn: Callable[[], list[torch.Tensor]]) -> Callable[[], None]:
+        def run() -> None:
+            for w in weights:
+                w.grad = None
+            torch.autograd.backward(fn(), grads)
+
+        return run
+
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    fns = {k: fwd_bwd(f) for k, f in cases.items()}
+    fns["copy"] = lambda: dst.copy_(src)
+    times, errors = interleaved(fns, args.op_reps, device, args.budget_s)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    bandwidth = 2 * numel * 4 / (med["copy"] / 1e3)  # bytes/s: read + write
+    floor_ms = 5 * numel * 4 / bandwidth * 1e3  # fwd reads W, writes W_hat; bwd reads g, W, writes dW
+    print(f"\n(a) WS alone, {len(weights)} ResNet-50 conv weights ({numel / 1e6:.1f}M params), fwd+bwd, median ms "
+          f"({len(times['copy'])} rounds); copy {bandwidth / 1e9:.1f} GB/s, floor {floor_ms:.3f} ms")  # fmt: skip
+    for k, ms in med.items():
+        if k != "copy":
+            print(f"  {k:<20}{ms:>10.3f} ms  {ms / floor_ms:8.1f}x floor")
+    for k, why in errors.items():
+        print(f"  {k:<20}error: {why}")
+    return dict(median_ms=med, errors=errors, params=numel, layers=len(weights), copy_gbps=bandwidth / 1e9,
+                floor_ms=floor_ms)  # fmt: skip
+
+
+# --- correctness of the batched paths on the device -----------------------------------------------------------
+def check_batched(device: torch.device) -> bool:
+    """ResNet-50 GN+WS: batched (torch, triton) vs per layer, outputs and every grad; fp32 and bf16 autocast."""
+    ok = True
+    torch.manual_seed(0)
+    ref = swap_convs(build_base("resnet50"), WSConv2d).to(device)
+    x = torch.randn(2, 3, 224, 224, device=device)
+    backends = ["torch"] + (["triton"] if device.type == "cuda" else [])
+    for amp in (None, torch.bfloat16):
+        for backend in backends:
+            model = copy.deepcopy(ref)
+            enable_batched_ws(model, backend=backend)
+            outs = []
+            for m in (ref, model):
+                m.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    y = m(x).float()
+                y.square().mean().backward()
+                outs.append((y.detach(), [p.grad for p in m.parameters()]))
+            (y0, g0), (y1, g1) = outs
+            err_y = ((y1 - y0).abs().max() / y0.abs().max()).item()
+            err_g = max(((b - a).abs().max() / a.abs().max().clamp_min(1e-30)).item() for a, b in zip(g0, g1))
+            tol = 1e-4 if amp is None else 5e-2
+            good = err_y < tol and err_g < tol * 10
+            ok &= good
+            print(f"check {backend:<7}{'bf16' if amp else 'fp32'}: rel err out {err_y:.2e}, max rel err grads "
+                  f"{err_g:.2e}  {'ok' if good else 'FAIL'}")  # fmt: skip
+    return ok
+
+
+# --- main -----------------------------------------------------------------------------------------------------
+def environment(device: torch.device) -> dict:
+    commit = os.environ.get("TORCHWS_COMMIT")
+    if not commit:
+        try:
+            here = os.path.dirname(os.path.abspath(__file__))
+            out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+            commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        except (OSError, subprocess.SubprocessError):
+            commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cpu = platform.processor() or platform.machine()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu}",
+                torch=torch.__version__, triton=triton_version, commit=commit, threads=torch.get_num_threads(),
+                cpus=os.cpu_count(), python=platform.python_version(), command=" ".join(sys.argv))  # fmt: skip
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--models", default=None, help="comma list (default cpu: cifar_resnet20,cifar_resnet18; "
+                   "cuda: resnet50)")  # fmt: skip
+    p.add_argument("--batches", default="1,2,32")
+    p.add_argument("--precisions", default=None, help="fp32,bf16_cl (default cpu: fp32; cuda: both)")
+    p.add_argument("--variants", default="gn,authors,timm,torchws,batched,batched_triton,folded")
+    p.add_argument("--reps", type=int, default=None, help="max interleaved rounds per config (default 60 cpu/30 cuda)")
+    p.add_argument("--op-reps", type=int, default=None, help="rounds for (a) (default 20 cpu/50 cuda)")
+    p.add_argument("--budget-s", type=float, default=None, help="time cap per config; lowers rounds (default 40)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
+    p.add_argument("--skip-op", action="store_true", help="skip part (a)")
+    p.add_argument("--check", action="store_true", help="only the correctness check (exit 1 on failure)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 5 rounds, batch 1,2, first model, no (a)")
+    p.add_argument("--out", default=None, help="JSON file to write")
+    a = p.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    a.models = (a.models or ("resnet50" if cuda else "cifar_resnet20,cifar_resnet18")).split(",")
+    a.precisions = (a.precisions or ("fp32,bf16_cl" if cuda else "fp32")).split(",")
+    a.variants = [v for v in a.variants.split(",") if cuda or v != "batched_triton"]
+    a.batches = [int(b) for b in a.batches.split(",")]
+    a.reps = a.reps or (30 if cuda else 60)
+    a.op_reps = a.op_reps or (50 if cuda else 20)
+    a.budget_s = a.budget_s or 40.0
+    if a.quick:
+        a.reps, a.op_reps, a.budget_s, a.skip_op = 5, 3, 10.0, True
+        a.models, a.batches = a.models[:1], [b for b in a.batches if b <= 2] or a.batches[:1]
+    for m in a.models:
+        if m not in IMAGE:
+            p.error(f"--models: unknown model {m!r}; choose from {', '.join(IMAGE)}")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    env = environment(device)
+    print(f"{env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit'][:12]}  "
+          f"threads {env['threads']}")  # fmt: skip
+    if args.check:
+        return 0 if check_batched(device) else 1
+    result = dict(env, op_alone=None if args.skip_op else bench_op_alone(args, device),
+                  steps=bench_steps(args, device))  # fmt: skip
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

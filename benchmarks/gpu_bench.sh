@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU run of the WS benchmark, one command, under 5 minutes on an H100:
+#   1. correctness: batched WS (triton and torch backends) vs the per-layer path on ResNet-50 GN+WS, outputs and
+#      every gradient, fp32 and bf16 autocast (bench_ws.py --check);
+#   2. the benchmark: (a) WS alone on the 53 ResNet-50 conv weights vs the copy floor, (b) SGD steps of ResNet-50
+#      at batch 1, 2, 32 in fp32 and bf16 autocast + channels_last, all variants interleaved.
+# Writes gpu_check.txt, gpu_bench.txt and gpu_bench.json to $OUT (default ./results). Exit 1 if the check failed.
+# From the repo root:  OUT=/some/dir TORCHWS_COMMIT=$(git rev-parse HEAD) bash benchmarks/gpu_bench.sh
+# (TORCHWS_COMMIT is recorded in the JSON; a copied tree without .git would record "unknown").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+OUT=${OUT:-results}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+"$PY" benchmarks/bench_ws.py --device cuda --check 2>&1 | tee "$OUT/gpu_check.txt"
+check=${PIPESTATUS[0]}
+timeout 250 "$PY" benchmarks/bench_ws.py --device cuda --budget-s 15 --reps 30 --out "$OUT/gpu_bench.json" 2>&1 \
+  | tee "$OUT/gpu_bench.txt"
+bench=${PIPESTATUS[0]}
+echo "check exit $check, bench exit $bench"
+[ "$check" -eq 0 ] && [ "$bench" -eq 0 ]
