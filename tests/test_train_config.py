@@ -125,3 +125,13 @@ def test_schedule_applies_to_optimizer_and_resumes():
     t = LRSchedule(peak_lr=1.0, total_steps=10, schedule="step", milestones=[2], gamma=0.5)
     t.load_state_dict(s.state_dict())
     assert t.apply(opt) == s.lr_at(3)
+
+
+def test_shipped_yaml_configs_load():
+    from pathlib import Path
+
+    files = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert files, "configs/*.yaml missing"
+    for path in files:
+        cfg = parse_config(["--config", str(path)])
+        assert cfg.model and cfg.out_dir.startswith("runs/"), path

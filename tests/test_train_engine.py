@@ -189,3 +189,24 @@ def test_rng_capture_restore_round_trip():
     restore_rng(state)
     b = (random.random(), np.random.rand(), torch.rand(3))
     assert a[0] == b[0] and a[1] == b[1] and torch.equal(a[2], b[2])
+
+
+def test_imagefolder_bf16_channels_last(tmp_path):
+    """The image-folder path (DataLoader + sampler) with bf16 autocast and channels_last runs and writes its files."""
+    pil = pytest.importorskip("PIL.Image")
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c, name in enumerate(("cat", "dog")):
+            folder = tmp_path / "data" / split / name
+            folder.mkdir(parents=True)
+            for i in range(4):
+                pixels = (torch.randint(0, 80, (20, 20, 3), generator=g) + 120 * c).to(torch.uint8).numpy()
+                pil.fromarray(pixels).save(folder / f"{i}.png")
+    cfg = tiny_cfg(tmp_path, dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=16, batch_size=2,
+                   workers=0, epochs=1, bf16=True, channels_last=True, deterministic=False)  # fmt: skip
+    summary = train(cfg, echo=False)
+    assert summary["steps"] == 4 and summary["history"][-1]["test_acc"] is not None
+    assert load_checkpoint(tmp_path / "run/last.pt")["config"]["dataset"] == "imagefolder"
+    with pytest.raises(ConfigError, match="at least 112 px"):
+        train(tiny_cfg(tmp_path / "x", dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=16,
+                       model="resnet18_gn_ws"), echo=False)  # fmt: skip

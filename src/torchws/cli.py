@@ -25,7 +25,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from torchws.demo import run_demo
 
-    run_demo(args.out_dir, args.budget, data_dir=args.data_dir, threads=args.threads, seed=args.seed)
+    threads = args.threads if args.threads > 0 else None
+    run_demo(args.out_dir, args.budget, data_dir=args.data_dir, threads=threads, seed=args.seed)
     return 0
 
 
@@ -69,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "or a number of training images")  # fmt: skip
     demo.add_argument("--out-dir", default="runs/demo", help="where results.json and curves.png go")
     demo.add_argument("--data-dir", default=None, help="folder with the Fashion-MNIST IDX files")
-    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    demo.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: at 2 images per step "
+                      "more threads barely help, and on a busy machine they spin; 0: torch's choice)")  # fmt: skip
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
     models = verbs.add_parser("models", help="list registered models")

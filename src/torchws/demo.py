@@ -45,7 +45,7 @@ class Budget:
 
 BUDGETS = {
     "tiny": Budget(128, 1, 200),  # seconds: for tests and smoke checks
-    "small": Budget(4096, 2, 2000),  # the default: about 10 minutes on 2 CPU cores
+    "small": Budget(2048, 4, 2000),  # the default: about 6 minutes on 2 busy CPU cores
     "medium": Budget(16384, 3, 10000),
     "full": Budget(60000, 10, 10000),
 }
