@@ -110,7 +110,8 @@ def assert_same_params_dict(a: dict, b: dict) -> None:
                                          ("cifar_resnet20_gn", True)])
 def test_accumulation_matches_one_big_batch(tmp_path, model, once):
     """2 micro-batches of 4 accumulate the gradient of one batch of 8 (GN: no batch dependence): after one step
-    the momentum buffers (= gradient + weight decay) agree to fp32 rounding."""
+    the momentum buffers (= gradient + weight decay) agree to fp32 rounding (WS's backward divides by the filters'
+    std, which amplifies rounding to a few 1e-6; a lost micro-batch or a wrong 1/k would be off by O(gradient))."""
     splits = tiny_splits(n_train=16)
     common = dict(model=model, epochs=1, max_steps=1, warmup_epochs=0.0, schedule="constant")
     big = run_trainer(tiny_cfg(tmp_path / "big", batch_size=8, **common), splits)
@@ -120,7 +121,7 @@ def test_accumulation_matches_one_big_batch(tmp_path, model, once):
     a, b = big.optimizer.state_dict()["state"], acc.optimizer.state_dict()["state"]
     assert len(a) == len(list(big.model.parameters()))
     for key in a:
-        torch.testing.assert_close(a[key]["momentum_buffer"], b[key]["momentum_buffer"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a[key]["momentum_buffer"], b[key]["momentum_buffer"], rtol=1e-4, atol=1e-5)
 
 
 def test_existing_checkpoints_are_not_overwritten(tmp_path):
