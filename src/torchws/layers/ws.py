@@ -152,37 +152,6 @@ class _WSConvNd(WSMixin):
         return self._conv_forward(input, self.standardized_weight(), self.bias)  # type: ignore[attr-defined]
 
 
-def _make_conv(base: type[nn.Module], doc: str) -> type[nn.Module]:
-    class _Layer(_WSConvNd, base):  # type: ignore[valid-type, misc]
-        def __init__(
-            self,
-            *args,
-            preset: str | Preset = DEFAULT_PRESET,
-            eps: float | None = None,
-            gain: bool | None = None,
-            shift: bool = False,
-            **kwargs,
-        ) -> None:
-            _check_factory_dtype(f"WS{base.__name__}", kwargs)
-            super().__init__(*args, **kwargs)
-            self._ws_setup(preset, eps, gain, shift)
-
-    _Layer.__name__ = _Layer.__qualname__ = f"WS{base.__name__}"
-    _Layer.__doc__ = doc
-    return _Layer
-
-
-_CONV_DOC = """Weight-standardized ``nn.{0}``: same arguments, plus keyword-only ``preset`` (numerics, see
-:mod:`torchws.presets`), ``eps`` (overrides the preset's), ``gain`` (learnable per-output-channel gain;
-default: the preset's) and ``shift`` (learnable per-output-channel weight offset, zero-initialised; the weight used is
-``gain * W_hat + shift``)."""
-
-WSConv1d = _make_conv(nn.Conv1d, _CONV_DOC.format("Conv1d"))
-WSConv2d = _make_conv(nn.Conv2d, _CONV_DOC.format("Conv2d"))
-WSConv3d = _make_conv(nn.Conv3d, _CONV_DOC.format("Conv3d"))
-WSConv1d.__module__ = WSConv2d.__module__ = WSConv3d.__module__ = __name__
-
-
 class _WSConvTransposeNd(WSMixin):
     ws_transposed = True
     _num_spatial_dims: int
@@ -204,36 +173,53 @@ class _WSConvTransposeNd(WSMixin):
         )
 
 
-def _make_conv_transpose(base: type[nn.Module], dims: int, fn) -> type[nn.Module]:
-    class _Layer(_WSConvTransposeNd, base):  # type: ignore[valid-type, misc]
-        _num_spatial_dims = dims
-        _functional = staticmethod(fn)
+_CONV_DOC = """Weight-standardized ``nn.{0}``: same arguments, plus keyword-only ``preset`` (numerics, see
+:mod:`torchws.presets`), ``eps`` (overrides the preset's), ``gain`` (learnable per-output-channel gain;
+default: the preset's) and ``shift`` (learnable per-output-channel weight offset, zero-initialised; the weight used is
+``gain * W_hat + shift``)."""
 
-        def __init__(
-            self,
-            *args,
-            preset: str | Preset = DEFAULT_PRESET,
-            eps: float | None = None,
-            gain: bool | None = None,
-            shift: bool = False,
-            **kwargs,
-        ) -> None:
-            _check_factory_dtype(f"WS{base.__name__}", kwargs)
-            super().__init__(*args, **kwargs)
-            self._ws_setup(preset, eps, gain, shift)
-
-    _Layer.__name__ = _Layer.__qualname__ = f"WS{base.__name__}"
-    _Layer.__doc__ = _CONV_DOC.format(base.__name__) + (
-        "\n\nThe weight layout is ``(in, out/groups, *k)``; each *output* channel is standardized over its own fan-in"
-        " (``in/groups * prod(k)`` elements), groups respected."
-    )
-    _Layer.__module__ = __name__
-    return _Layer
+_TRANSPOSED_DOC = (
+    "\n\nThe weight layout is ``(in, out/groups, *k)``; each *output* channel is standardized over its own fan-in"
+    " (``in/groups * prod(k)`` elements), groups respected."
+)
 
 
-WSConvTranspose1d = _make_conv_transpose(nn.ConvTranspose1d, 1, F.conv_transpose1d)
-WSConvTranspose2d = _make_conv_transpose(nn.ConvTranspose2d, 2, F.conv_transpose2d)
-WSConvTranspose3d = _make_conv_transpose(nn.ConvTranspose3d, 3, F.conv_transpose3d)
+def _make_layer(mixin: type[WSMixin], base: type[nn.Module], doc: str, **class_attrs) -> type[nn.Module]:
+    """``class WS<base>(mixin, base)`` taking base's arguments plus keyword-only preset/eps/gain/shift."""
+
+    def __init__(
+        self,
+        *args,
+        preset: str | Preset = DEFAULT_PRESET,
+        eps: float | None = None,
+        gain: bool | None = None,
+        shift: bool = False,
+        **kwargs,
+    ) -> None:
+        _check_factory_dtype(f"WS{base.__name__}", kwargs)
+        base.__init__(self, *args, **kwargs)
+        self._ws_setup(preset, eps, gain, shift)
+
+    name = f"WS{base.__name__}"
+    attrs = {"__init__": __init__, "__doc__": doc, "__module__": __name__, "__qualname__": name, **class_attrs}
+    return type(name, (mixin, base), attrs)
+
+
+WSConv1d = _make_layer(_WSConvNd, nn.Conv1d, _CONV_DOC.format("Conv1d"))
+WSConv2d = _make_layer(_WSConvNd, nn.Conv2d, _CONV_DOC.format("Conv2d"))
+WSConv3d = _make_layer(_WSConvNd, nn.Conv3d, _CONV_DOC.format("Conv3d"))
+WSConvTranspose1d = _make_layer(
+    _WSConvTransposeNd, nn.ConvTranspose1d, _CONV_DOC.format("ConvTranspose1d") + _TRANSPOSED_DOC,
+    _num_spatial_dims=1, _functional=staticmethod(F.conv_transpose1d),
+)
+WSConvTranspose2d = _make_layer(
+    _WSConvTransposeNd, nn.ConvTranspose2d, _CONV_DOC.format("ConvTranspose2d") + _TRANSPOSED_DOC,
+    _num_spatial_dims=2, _functional=staticmethod(F.conv_transpose2d),
+)
+WSConvTranspose3d = _make_layer(
+    _WSConvTransposeNd, nn.ConvTranspose3d, _CONV_DOC.format("ConvTranspose3d") + _TRANSPOSED_DOC,
+    _num_spatial_dims=3, _functional=staticmethod(F.conv_transpose3d),
+)
 
 
 class WSLinear(WSMixin, nn.Linear):
