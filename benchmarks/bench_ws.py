@@ -91,8 +91,12 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int, device: torch.device, budget_s: float,
-                warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, str]]:  # fmt: skip
-    """Per-call seconds of each fn, round-robin with rotated order; fns that raise in warm-up are reported."""
+                warmup: int = 3) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, str]]:  # fmt: skip
+    """Per-call wall and process-CPU seconds of each fn, round-robin with rotated order; warm-up errors reported.
+
+    Process CPU time is the steadier clock on a shared CPU (time while descheduled does not count); it also counts
+    every worker thread, so with several threads it includes their spin-waits.
+    """
     errors: dict[str, str] = {}
     live = {}
     for name, fn in fns.items():
@@ -110,16 +114,18 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, device: torch.d
     round_s = max(time.perf_counter() - t0, 1e-9)
     reps = max(5, min(reps, int(budget_s / round_s)))
     times: dict[str, list[float]] = {n: [] for n in live}
+    cpu: dict[str, list[float]] = {n: [] for n in live}
     names = list(live)
     for r in range(reps):
         k = r % len(names)
         for name in names[k:] + names[:k]:
             _sync(device)
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             live[name]()
             _sync(device)
             times[name].append(time.perf_counter() - t)
-    return times, errors
+            cpu[name].append(time.process_time() - c)
+    return times, cpu, errors
 
 
 def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch.dtype | None) -> Callable[[], None]:
@@ -157,25 +163,34 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
                     if cl:
                         m = m.to(memory_format=torch.channels_last)
                     fns[kind] = train_step_fn(m, x, y, torch.bfloat16 if cl else None)
-                times, errors = interleaved(fns, args.reps, device, args.budget_s)
-                rows += report_config(name, precision, batch, times, {**skipped, **errors})
+                times, cpu, errors = interleaved(fns, args.reps, device, args.budget_s)
+                rows += report_config(name, precision, batch, times, cpu if device.type == "cpu" else None,
+                                      {**skipped, **errors})  # fmt: skip
     return rows
 
 
 def report_config(model: str, precision: str, batch: int, times: dict[str, list[float]],
-                  notes: dict[str, str]) -> list[dict]:  # fmt: skip
+                  cpu: dict[str, list[float]] | None, notes: dict[str, str]) -> list[dict]:  # fmt: skip
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    base = med.get("gn")
-    print(f"\n{model}  {precision}  batch {batch}  (median ms per SGD step, {len(next(iter(times.values())))} "
-          "interleaved rounds)")  # fmt: skip
+    cmed = {k: statistics.median(v) * 1e3 for k, v in (cpu or {}).items()}
+    base, cbase = med.get("gn"), cmed.get("gn")
+    rounds = len(next(iter(times.values()))) if times else 0
+    print(f"\n{model}  {precision}  batch {batch}  (median ms per SGD step, {rounds} interleaved rounds"
+          f"{'; wall, then process CPU time' if cpu else ''})")  # fmt: skip
     rows = []
     for k, ms in med.items():
         ratio = ms / base if base else None
         iqr = statistics.quantiles(times[k], n=4) if len(times[k]) >= 4 else [ms / 1e3] * 3
-        print(f"  {k:<16}{ms:>10.2f} ms  {'' if ratio is None else f'{ratio:6.3f}x'}   "
-              f"(q1 {iqr[0] * 1e3:.2f}, q3 {iqr[2] * 1e3:.2f})")  # fmt: skip
-        rows.append(dict(model=model, precision=precision, batch=batch, variant=k, median_ms=ms, ratio_to_gn=ratio,
-                         q1_ms=iqr[0] * 1e3, q3_ms=iqr[2] * 1e3, rounds=len(times[k])))  # fmt: skip
+        line = f"  {k:<16}{ms:>9.2f} ms {'' if ratio is None else f'{ratio:6.3f}x'} (q1 {iqr[0] * 1e3:.2f}, " \
+               f"q3 {iqr[2] * 1e3:.2f})"
+        row = dict(model=model, precision=precision, batch=batch, variant=k, median_ms=ms, ratio_to_gn=ratio,
+                   q1_ms=iqr[0] * 1e3, q3_ms=iqr[2] * 1e3, rounds=len(times[k]))  # fmt: skip
+        if k in cmed:
+            cratio = cmed[k] / cbase if cbase else None
+            line += f"   cpu {cmed[k]:9.2f} ms {'' if cratio is None else f'{cratio:6.3f}x'}"
+            row.update(cpu_median_ms=cmed[k], cpu_ratio_to_gn=cratio)
+        print(line)
+        rows.append(row)
     for k, why in notes.items():
         print(f"  {k:<16}skipped: {why}")
         rows.append(dict(model=model, precision=precision, batch=batch, variant=k, skipped=why))
@@ -232,7 +247,7 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
     dst = torch.empty_like(src)
     fns = {k: fwd_bwd(f) for k, f in cases.items()}
     fns["copy"] = lambda: dst.copy_(src)
-    times, errors = interleaved(fns, args.op_reps, device, args.budget_s)
+    times, _, errors = interleaved(fns, args.op_reps, device, args.budget_s)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     bandwidth = 2 * numel * 4 / (med["copy"] / 1e3)  # bytes/s: read + write
     floor_ms = 5 * numel * 4 / bandwidth * 1e3  # fwd reads W, writes W_hat; bwd reads g, W, writes dW

@@ -75,10 +75,11 @@ def _assert_same(a, b, rtol, atol):
         torch.testing.assert_close(ga[n], gb[n], rtol=rtol, atol=atol, msg=lambda m, n=n: f"grad of {n}: {m}")
 
 
+@pytest.mark.parametrize("concat", [False, True])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
-def test_batched_matches_per_layer(dtype, tol):
+def test_batched_matches_per_layer(dtype, tol, concat):
     ref, model = _pair(dtype)
-    handle = enable_batched_ws(model, backend="torch")
+    handle = enable_batched_ws(model, backend="torch", concat=concat)
     assert len(handle.layers) == 10
     # groups: {c1} {c2,c3} {c2b,fc_a} {c4} {c5} {t1,c6} {fc_b}
     assert sorted(len(g.layers) for g in handle.groups) == [1, 1, 1, 1, 2, 2, 2]
@@ -86,10 +87,11 @@ def test_batched_matches_per_layer(dtype, tol):
     _assert_same(_run(model, x), _run(ref, x), tol, tol)
 
 
-def test_channels_last_and_bfloat16():
+@pytest.mark.parametrize("concat", [False, True])
+def test_channels_last_and_bfloat16(concat):
     ref, model = _pair()
     ref, model = ref.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
-    enable_batched_ws(model, backend="torch")
+    enable_batched_ws(model, backend="torch", concat=concat)
     x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
     _assert_same(_run(model, x), _run(ref, x), 1e-5, 1e-5)
     handle = find_handle(model)

@@ -6,12 +6,19 @@ registers a forward pre-hook on the root model that computes all standardized we
 the layers with ``layer.set_standardized_weight(t)``; a forward hook clears them again, so a layer called on its own
 (outside the root's forward), or any layer after ``handle.remove()``, computes its weight per layer as before.
 
-Grouping: layers are grouped by (preset, eps, dtype, device, fan-in n, gain/shift present). Each group is one
-``torch.cat`` of the weights viewed as rows ``(sum O_i, n)``, ONE :func:`~torchws.functional.standardize_rows` call,
-one gain (and shift) op, and one ``split`` into per-layer views. When all weights of a group share their trailing
-shape and layout (the usual case: same in-channels and kernel), the weights are concatenated as they are and the
-split chunks already have the weights' shapes, so no per-layer reshape is left. ``backend="triton"`` sends every
-group of one (preset, eps, dtype, device) to one multi-tensor kernel launch (:mod:`torchws.kernels.triton_ws`).
+Grouping: layers are grouped by (preset, eps, dtype, device, fan-in n, gain/shift present). On a GPU (torch
+backend) each group is one ``torch.cat`` of the weights viewed as rows ``(sum O_i, n)``, ONE standardization, one
+gain (and shift) op, and one ``split`` into per-layer views; when all weights of a group share their trailing shape
+and layout (the usual case: same in-channels and kernel) the weights are concatenated as they are and the split
+chunks already have the weights' shapes. On the CPU the pass does not concatenate (``concat=False``): copying ~1 MB
+of weights in and the gradients back out cost more than the dispatches saved (CIFAR ResNet-20, 1 thread: WS fwd+bwd
+1.58 ms grouped vs 0.95 ms per layer in one pass, vs 1.80 ms for the layers' own ``F.batch_norm`` path).
+``backend="triton"`` sends every layer of one (preset, eps, dtype, device) to one multi-tensor kernel launch
+(:mod:`torchws.kernels`).
+
+Numerics: the same formulas as :func:`~torchws.functional.standardize_rows`; population variance with eps inside
+the root runs as ``F.layer_norm`` over the rows (2-3x faster than ``F.batch_norm`` on the CPU), so results match the
+per-layer path to fp32 rounding, not bit for bit.
 
 Rows and memory layout: a row's statistics do not depend on the order of its elements, so a channels_last conv
 weight ``(O, C, kh, kw)`` is read as rows through ``permute(0, 2, 3, 1)``, a view: no copy in, none out.
@@ -23,7 +30,7 @@ Per-layer fallback (the layer keeps computing its own weight; results are identi
 Global module hooks (``register_module_forward_pre_hook``) are not inspected.
 
 Semantics to know: the pass standardizes every batchable WS layer the model owns, used in this forward or not, so a
-registered-but-unused layer gets ``weight.grad`` of zeros instead of ``None`` (concat/split backward). The plan is
+registered-but-unused layer gets ``weight.grad`` of zeros instead of ``None`` where groups are concatenated. The plan is
 built once and rebuilt when a weight's identity, dtype, device, shape, strides, gain/shift or pre-hooks change;
 after adding or removing WS layers call :meth:`BatchedWS.refresh`.
 """
@@ -35,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchws.functional import standardize_rows
@@ -145,31 +153,49 @@ def _make_groups(layers: Sequence[WSMixin]) -> list[_Group]:
     return groups
 
 
-def _affine(rows: Tensor, group: _Group, scale_only: bool = False) -> Tensor:
-    """rows * gain + shift for a whole group: one cat per parameter kind and one op."""
-    if group.gain:
-        g = group.layers[0].gain if len(group.layers) == 1 else torch.cat([layer.gain for layer in group.layers])
+def _standardize_rows(rows: Tensor, preset: Preset, eps: float) -> Tensor:
+    """:func:`~torchws.functional.standardize_rows`, with population variance + eps inside the root as one
+    ``F.layer_norm`` over the rows: the same formula, and on CPU 2-3x faster than the ``F.batch_norm`` form in
+    forward and 1.6x in backward (measured on the ResNet-20 groups, 1-2 threads)."""
+    if preset.eps_placement == "inside_sqrt" and not preset.unbiased:
+        x = rows if rows.dtype in (torch.float32, torch.float64) else rows.float()  # stats in fp32 for half types
+        return F.layer_norm(x, (x.shape[1],), eps=eps).to(rows.dtype)
+    return standardize_rows(rows, preset=preset, eps=eps)
+
+
+def _affine(rows: Tensor, layers: Sequence[WSMixin], gain: bool, shift: bool) -> Tensor:
+    """rows * gain + shift for the rows of ``layers`` stacked in order: one cat per parameter kind and one op."""
+    if gain:
+        g = layers[0].gain if len(layers) == 1 else torch.cat([layer.gain for layer in layers])
         rows = rows * g.unsqueeze(1).to(rows.dtype)
-    if group.shift and not scale_only:
-        s = group.layers[0].shift if len(group.layers) == 1 else torch.cat([layer.shift for layer in group.layers])
+    if shift:
+        s = layers[0].shift if len(layers) == 1 else torch.cat([layer.shift for layer in layers])
         rows = rows + s.unsqueeze(1).to(rows.dtype)
     return rows
 
 
-def _standardize_group_torch(group: _Group) -> list[Tensor]:
-    """One cat, one standardize_rows, one affine, one split for the whole group. Returns weight-shaped tensors."""
+def _standardize_group_torch(group: _Group, concat: bool) -> list[Tensor]:
+    """Weight-shaped standardized tensors of the group's layers.
+
+    ``concat``: one cat, one standardize, one affine, one split for the whole group (few launches: GPU). Without
+    it, each layer's rows are standardized where they lie (CPU: copying the weights into one buffer and the
+    gradients back out costs more than the saved per-op dispatch).
+    """
     ls = group.layers
+    if not concat or len(ls) == 1:
+        out = []
+        for layer, lay in zip(ls, group.layouts):
+            y = _standardize_rows(_layer_rows(layer, lay), group.preset, group.eps)
+            out.append(_layer_unrows(layer, _affine(y, (layer,), group.gain, group.shift), lay))
+        return out
     if group.natural:
         layout = group.layouts[0]
-        full = ls[0].weight if len(ls) == 1 else torch.cat([layer.weight for layer in ls])  # (sum O, *trailing)
-        y = _affine(standardize_rows(_rows_view(full, layout), preset=group.preset, eps=group.eps), group)
-        out = _unrows_view(y, full.shape, layout)
-        return [out] if len(ls) == 1 else list(out.split(group.sizes))
-    parts = [_layer_rows(layer, lay) for layer, lay in zip(ls, group.layouts)]
-    rows = parts[0] if len(parts) == 1 else torch.cat(parts)  # (sum O, n)
-    y = _affine(standardize_rows(rows, preset=group.preset, eps=group.eps), group)
-    chunks = [y] if len(ls) == 1 else y.split(group.sizes)
-    return [_layer_unrows(layer, c, lay) for layer, c, lay in zip(ls, chunks, group.layouts)]
+        full = torch.cat([layer.weight for layer in ls])  # (sum O, *trailing), the weights' common layout
+        y = _standardize_rows(_rows_view(full, layout), group.preset, group.eps)
+        return list(_unrows_view(_affine(y, ls, group.gain, group.shift), full.shape, layout).split(group.sizes))
+    rows = torch.cat([_layer_rows(layer, lay) for layer, lay in zip(ls, group.layouts)])  # (sum O, n)
+    y = _affine(_standardize_rows(rows, group.preset, group.eps), ls, group.gain, group.shift)
+    return [_layer_unrows(layer, c, lay) for layer, c, lay in zip(ls, y.split(group.sizes), group.layouts)]
 
 
 # --- triton backend ---------------------------------------------------------------------------------------------
@@ -213,8 +239,13 @@ def _resolve_backend(backend: str, group: _Group, kernel) -> str:
     return "triton" if kernel.is_available(group.layers[0].weight.device) else "torch"
 
 
-def batched_standardize(groups: Sequence[_Group], backend: str = "auto") -> dict[WSMixin, Tensor]:
-    """Standardized weights (gain and shift applied) of every layer in ``groups``, keyed by layer."""
+def batched_standardize(
+    groups: Sequence[_Group], backend: str = "auto", concat: bool | None = None
+) -> dict[WSMixin, Tensor]:
+    """Standardized weights (gain and shift applied) of every layer in ``groups``, keyed by layer.
+
+    ``concat`` (torch backend): concatenate each group (None: on every device but the CPU).
+    """
     kernel = None if backend == "torch" else _triton_module()
     if backend == "triton" and kernel is None:
         raise RuntimeError("batched WS: backend='triton' needs torchws.kernels (and triton); use backend='auto'")
@@ -224,7 +255,8 @@ def batched_standardize(groups: Sequence[_Group], backend: str = "auto") -> dict
         if _resolve_backend(backend, g, kernel) == "triton":
             triton_groups.append(g)
         else:
-            out.update(zip(g.layers, _standardize_group_torch(g)))
+            cat = g.layers[0].weight.device.type != "cpu" if concat is None else concat
+            out.update(zip(g.layers, _standardize_group_torch(g, cat)))
     if triton_groups:
         out.update(_standardize_groups_triton(triton_groups, kernel))
     return out
@@ -237,14 +269,16 @@ class BatchedWS:
     Attributes:
         model: the root module whose forward triggers the pass.
         backend: "auto", "torch" or "triton".
+        concat: torch backend: concatenate each group (None: everywhere but on the CPU).
         paused: while True the hooks do nothing (used by :func:`torchws.accumulate.ws_accumulation`).
     """
 
-    def __init__(self, model: nn.Module, backend: str = "auto") -> None:
+    def __init__(self, model: nn.Module, backend: str = "auto", concat: bool | None = None) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"enable_batched_ws: backend must be one of {BACKENDS}, got {backend!r}")
         self.model = model
         self.backend = backend
+        self.concat = concat
         self.paused = False
         self._layers: tuple[WSMixin, ...] = ()
         self._weights: tuple[Tensor, ...] = ()
@@ -278,7 +312,7 @@ class BatchedWS:
     def standardize(self) -> dict[WSMixin, Tensor]:
         """Compute every batched layer's standardized weight now (with autograd graph when grad is enabled)."""
         self._check_plan()
-        return batched_standardize(self._groups, self.backend)
+        return batched_standardize(self._groups, self.backend, self.concat)
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.paused:
@@ -312,7 +346,7 @@ def find_handle(model: nn.Module) -> BatchedWS | None:
     return None
 
 
-def enable_batched_ws(model: nn.Module, *, backend: str = "auto") -> BatchedWS:
+def enable_batched_ws(model: nn.Module, *, backend: str = "auto", concat: bool | None = None) -> BatchedWS:
     """Standardize all WS weights of ``model`` in one pass per forward of ``model``.
 
     Args:
@@ -320,6 +354,9 @@ def enable_batched_ws(model: nn.Module, *, backend: str = "auto") -> BatchedWS:
         backend: "torch" (grouped torch ops, any device), "triton" (one multi-tensor kernel launch per
             (preset, eps, dtype, device); raises if unavailable) or "auto" (triton on CUDA when available, else torch;
             always torch while ``torch.compile`` traces).
+        concat: torch backend only: one cat + standardize + split per group (True) or each layer's rows
+            standardized in place within the pass (False). None: True on GPUs (launch-bound), False on the CPU,
+            where the copies in and out cost more than the saved dispatches.
 
     Returns:
         The :class:`BatchedWS` handle; ``handle.remove()`` or :func:`disable_batched_ws` undoes it. Enabling twice
@@ -329,10 +366,10 @@ def enable_batched_ws(model: nn.Module, *, backend: str = "auto") -> BatchedWS:
     if handle is not None:
         if backend not in BACKENDS:
             raise ValueError(f"enable_batched_ws: backend must be one of {BACKENDS}, got {backend!r}")
-        handle.backend = backend
+        handle.backend, handle.concat = backend, concat
         handle.refresh()
         return handle
-    return BatchedWS(model, backend)
+    return BatchedWS(model, backend, concat)
 
 
 def disable_batched_ws(model: nn.Module) -> bool:
