@@ -24,6 +24,7 @@ are shared and host timings drift. Not a test: it prints a table and writes JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -139,6 +140,39 @@ def train_step_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor, amp: torch
     return step
 
 
+def accumulation_step_fn(model: nn.Module, xs: list[torch.Tensor], ys: list[torch.Tensor],
+                         ws_once: bool) -> Callable[[], None]:  # fmt: skip
+    """One optimizer step over micro-batches; ``ws_once``: inside ``torchws.accumulate.ws_accumulation``."""
+    from torchws.accumulate import ws_accumulation
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        with ws_accumulation(model) if ws_once else contextlib.nullcontext():
+            for x, y in zip(xs, ys):
+                (F.cross_entropy(model(x), y) / len(xs)).backward()
+        opt.step()
+
+    return step
+
+
+def bench_accumulation(args: argparse.Namespace, device: torch.device) -> list[dict]:
+    """(c) k micro-batches per optimizer step: WS per micro-batch vs once per step (ws_accumulation)."""
+    name, k, batch = args.models[0], args.accum, args.batches[0]
+    c, h, w, classes = IMAGE[name]
+    torch.manual_seed(0)
+    xs = [torch.randn(batch, c, h, w, device=device) for _ in range(k)]
+    ys = [torch.randint(0, classes, (batch,), device=device) for _ in range(k)]
+    base = build_base(name).to(device)
+    fns = {}
+    for kind, once in (("gn", False), ("torchws", False), ("batched", False), ("batched+accumulation", True)):
+        fns[kind] = accumulation_step_fn(make_variant(kind.split("+")[0], base), xs, ys, once)
+    times, cpu, errors = interleaved(fns, args.reps, device, args.budget_s)
+    return report_config(name, f"fp32, {k} micro-batches", batch, times, cpu if device.type == "cpu" else None,
+                         errors)  # fmt: skip
+
+
 def bench_steps(args: argparse.Namespace, device: torch.device) -> list[dict]:
     rows = []
     for name in args.models:
@@ -179,7 +213,7 @@ def report_config(model: str, precision: str, batch: int, times: dict[str, list[
     for k, ms in med.items():
         ratio = ms / base if base else None
         iqr = statistics.quantiles(times[k], n=4) if len(times[k]) >= 4 else [ms / 1e3] * 3
-        line = f"  {k:<16}{ms:>9.2f} ms {'' if ratio is None else f'{ratio:6.3f}x'} (q1 {iqr[0] * 1e3:.2f}, " \
+        line = f"  {k:<22}{ms:>9.2f} ms {'' if ratio is None else f'{ratio:6.3f}x'} (q1 {iqr[0] * 1e3:.2f}, " \
                f"q3 {iqr[2] * 1e3:.2f})"
         row = dict(model=model, precision=precision, batch=batch, variant=k, median_ms=ms, ratio_to_gn=ratio,
                    q1_ms=iqr[0] * 1e3, q3_ms=iqr[2] * 1e3, rounds=len(times[k]))  # fmt: skip
@@ -190,7 +224,7 @@ def report_config(model: str, precision: str, batch: int, times: dict[str, list[
         print(line)
         rows.append(row)
     for k, why in notes.items():
-        print(f"  {k:<16}skipped: {why}")
+        print(f"  {k:<22}skipped: {why}")
         rows.append(dict(model=model, precision=precision, batch=batch, variant=k, skipped=why))
     return rows
 
@@ -353,7 +387,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=None, help="time cap per config; lowers rounds (default 40)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (cpu)")
     p.add_argument("--skip-op", action="store_true", help="skip part (a)")
+    p.add_argument("--skip-steps", action="store_true", help="skip part (b)")
     p.add_argument("--op-model", default="resnet50", help="model whose conv weights (a) and --check use")
+    p.add_argument("--accum", type=int, default=0, help="(c): k micro-batches of the first batch size per step on "
+                   "the first model, WS per micro-batch vs ws_accumulation (0: skip)")  # fmt: skip
     p.add_argument("--check", action="store_true", help="only the correctness check (exit 1 on failure)")
     p.add_argument("--quick", action="store_true", help="smoke run: 5 rounds, batch 1,2, first model, no (a)")
     p.add_argument("--out", default=None, help="JSON file to write")
@@ -386,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
           f"threads {env['threads']}")  # fmt: skip
     if args.check:
         return 0 if check_batched(device, args.op_model) else 1
-    result = dict(env, op_alone=None if args.skip_op else bench_op_alone(args, device),
-                  steps=bench_steps(args, device))  # fmt: skip
+    result = dict(env, op_alone=None if args.skip_op else bench_op_alone(args, device))
+    result["accumulation"] = bench_accumulation(args, device) if args.accum else None
+    result["steps"] = None if args.skip_steps else bench_steps(args, device)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
