@@ -104,14 +104,16 @@ def test_channels_last_and_bfloat16(concat):
 
 
 def _count_per_layer_calls(monkeypatch):
+    """Layers whose forward computed their own weight (nothing supplied by a model-level pass)."""
     calls = []
-    original = WSMixin.compute_standardized_weight
+    original = WSMixin.standardized_weight
 
     def counting(self):
-        calls.append(self)
+        if self._ws_supplied is None:
+            calls.append(self)
         return original(self)
 
-    monkeypatch.setattr(WSMixin, "compute_standardized_weight", counting)
+    monkeypatch.setattr(WSMixin, "standardized_weight", counting)
     return calls
 
 

@@ -17,8 +17,8 @@ of weights in and the gradients back out cost more than the dispatches saved (CI
 (:mod:`torchws.kernels`).
 
 Numerics: the same formulas as :func:`~torchws.functional.standardize_rows`; population variance with eps inside
-the root runs as ``F.layer_norm`` over the rows (2-3x faster than ``F.batch_norm`` on the CPU), so results match the
-per-layer path to fp32 rounding, not bit for bit.
+the root runs as ``F.layer_norm`` (2-3x faster than ``F.batch_norm`` on the CPU). Without concatenation every layer
+runs exactly its per-layer computation; concatenated groups match it to fp32 rounding.
 
 Rows and memory layout: a row's statistics do not depend on the order of its elements, so a channels_last conv
 weight ``(O, C, kh, kw)`` is read as rows through ``permute(0, 2, 3, 1)``, a view: no copy in, none out.
@@ -42,10 +42,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchws.functional import standardize_rows
+from torchws.functional import rows_to_weight, standardize_rows, weight_to_rows
 from torchws.layers.ws import WSMixin
 from torchws.presets import Preset
 
@@ -61,44 +60,16 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "triton")
 ENV_DISABLE = "TORCHWS_BATCHED"  # "0" turns auto_enable off
-_STATS_DTYPES = (torch.float32, torch.float64)
 
 
-# --- rows of a weight, without copies where the layout allows -------------------------------------------------------
+# --- layouts (groups concatenate only weights of one layout) ---------------------------------------------------------
 def _layout(w: Tensor) -> str:
-    """'contiguous', 'channels_last' (4-D), or 'other' (needs the layer's own ws_rows/ws_from_rows)."""
+    """'contiguous', 'channels_last' (4-D), or 'other' (rows are then copies, not views)."""
     if w.is_contiguous():
         return "contiguous"
     if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
         return "channels_last"
     return "other"
-
-
-def _rows_view(w: Tensor, layout: str) -> Tensor:
-    """(O, ...) weight -> (O, n) rows as a view; a channels_last filter is read in memory order (H, W, C)."""
-    if layout == "channels_last":
-        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
-    return w.view(w.shape[0], -1)
-
-
-def _unrows_view(rows: Tensor, shape: torch.Size, layout: str) -> Tensor:
-    """Inverse of :func:`_rows_view`: rows (O, n) -> a view shaped ``shape`` with the original layout."""
-    if layout == "channels_last":
-        o, c, kh, kw = shape
-        return rows.view(o, kh, kw, c).permute(0, 3, 1, 2)
-    return rows.view(shape)
-
-
-def _layer_rows(layer: WSMixin, layout: str) -> Tensor:
-    if layer.ws_transposed or layout == "other":
-        return layer.ws_rows()
-    return _rows_view(layer.weight, layout)
-
-
-def _layer_unrows(layer: WSMixin, rows: Tensor, layout: str) -> Tensor:
-    if layer.ws_transposed or layout == "other":
-        return layer.ws_from_rows(rows)
-    return _unrows_view(rows, layer.weight.shape, layout)
 
 
 # --- the plan: which layers are batched, and how they are grouped -------------------------------------------------
@@ -162,36 +133,6 @@ def _make_groups(layers: Sequence[WSMixin]) -> list[_Group]:
     return groups
 
 
-def _layer_norm_form(preset: Preset) -> bool:
-    """Population variance with eps inside the root: exactly ``F.layer_norm`` over each output channel's fan-in."""
-    return preset.eps_placement == "inside_sqrt" and not preset.unbiased
-
-
-def _standardize_rows(rows: Tensor, preset: Preset, eps: float) -> Tensor:
-    """:func:`~torchws.functional.standardize_rows`, with the layer-norm form as one ``F.layer_norm`` over the rows:
-    the same formula, and on CPU 2-3x faster than the ``F.batch_norm`` form in forward, 1.6x in backward (measured
-    on the ResNet-20 fan-in groups, 1-2 threads)."""
-    if _layer_norm_form(preset):
-        x = rows if rows.dtype in _STATS_DTYPES else rows.float()  # stats in fp32 for half types
-        return F.layer_norm(x, (x.shape[1],), eps=eps).to(rows.dtype)
-    return standardize_rows(rows, preset=preset, eps=eps)
-
-
-def _standardize_in_place(layer: WSMixin, layout: str, group: _Group) -> Tensor:
-    """One layer's standardized weight without concatenation (the CPU path)."""
-    w = layer.weight
-    if layout == "contiguous" and not layer.ws_transposed and w.dtype in _STATS_DTYPES and _layer_norm_form(
-        group.preset
-    ):
-        # layer_norm over dims 1.. is WS of a contiguous (O, ...) weight with no reshape in or out
-        y = F.layer_norm(w, w.shape[1:], eps=group.eps)
-        if group.gain or group.shift:
-            y = _affine(y.view(w.shape[0], -1), (layer,), group.gain, group.shift).view(w.shape)
-        return y
-    y = _standardize_rows(_layer_rows(layer, layout), group.preset, group.eps)
-    return _layer_unrows(layer, _affine(y, (layer,), group.gain, group.shift), layout)
-
-
 def _affine(rows: Tensor, layers: Sequence[WSMixin], gain: bool, shift: bool) -> Tensor:
     """rows * gain + shift for the rows of ``layers`` stacked in order: one cat per parameter kind and one op."""
     if gain:
@@ -212,15 +153,14 @@ def _standardize_group_torch(group: _Group, concat: bool) -> list[Tensor]:
     """
     ls = group.layers
     if not concat or len(ls) == 1:
-        return [_standardize_in_place(layer, lay, group) for layer, lay in zip(ls, group.layouts)]
+        return [layer.compute_standardized_weight() for layer in ls]
     if group.natural:
-        layout = group.layouts[0]
         full = torch.cat([layer.weight for layer in ls])  # (sum O, *trailing), the weights' common layout
-        y = _standardize_rows(_rows_view(full, layout), group.preset, group.eps)
-        return list(_unrows_view(_affine(y, ls, group.gain, group.shift), full.shape, layout).split(group.sizes))
-    rows = torch.cat([_layer_rows(layer, lay) for layer, lay in zip(ls, group.layouts)])  # (sum O, n)
-    y = _affine(_standardize_rows(rows, group.preset, group.eps), ls, group.gain, group.shift)
-    return [_layer_unrows(layer, c, lay) for layer, c, lay in zip(ls, y.split(group.sizes), group.layouts)]
+        y = standardize_rows(weight_to_rows(full), preset=group.preset, eps=group.eps)
+        return list(rows_to_weight(_affine(y, ls, group.gain, group.shift), full).split(group.sizes))
+    rows = torch.cat([layer.ws_rows() for layer in ls])  # (sum O, n)
+    y = _affine(standardize_rows(rows, preset=group.preset, eps=group.eps), ls, group.gain, group.shift)
+    return [layer.ws_from_rows(c) for layer, c in zip(ls, y.split(group.sizes))]
 
 
 # --- triton backend ---------------------------------------------------------------------------------------------
@@ -235,22 +175,22 @@ def _triton_module():
 def _standardize_groups_triton(groups: Sequence[_Group], kernel) -> dict[WSMixin, Tensor]:
     """All groups sharing (preset, eps, dtype, device) go to one multi-tensor launch."""
     out: dict[WSMixin, Tensor] = {}
-    launches: dict[tuple, list[tuple[WSMixin, str, bool]]] = {}
+    launches: dict[tuple, list[tuple[WSMixin, bool]]] = {}
     for g in groups:
         w = g.layers[0].weight
-        for layer, lay in zip(g.layers, g.layouts):
-            launches.setdefault((g.preset, g.eps, w.dtype, w.device), []).append((layer, lay, g.shift))
+        for layer in g.layers:
+            launches.setdefault((g.preset, g.eps, w.dtype, w.device), []).append((layer, g.shift))
     for (preset, eps, _, _), members in launches.items():
-        rows = [_layer_rows(layer, lay) for layer, lay, _ in members]  # (O_i, n_i) views where the layout allows
-        gains = [layer.gain for layer, _, _ in members]
+        rows = [layer.ws_rows() for layer, _ in members]  # (O_i, n_i) views where the layout allows
+        gains = [layer.gain for layer, _ in members]
         ys = kernel.multi_standardize(
             rows, mode=preset.eps_placement, eps=eps, variance=preset.variance,
             gains=None if all(g is None for g in gains) else gains,
         )  # fmt: skip
-        for (layer, lay, shift), y in zip(members, ys):
+        for (layer, shift), y in zip(members, ys):
             if shift:
                 y = y + layer.shift.unsqueeze(1).to(y.dtype)
-            out[layer] = _layer_unrows(layer, y, lay)
+            out[layer] = layer.ws_from_rows(y)
     return out
 
 

@@ -218,6 +218,7 @@ def convert(
     group_fallback: GroupFallback = "error",
     inplace: bool = False,
     report: bool = False,
+    batched_ws: bool | None = None,
 ) -> nn.Module | tuple[nn.Module, ConversionReport]:
     """Replace every Conv1-3d / ConvTranspose1-3d (and Linear with ``linear=True``) by its WS twin.
 
@@ -239,6 +240,8 @@ def convert(
             is <= num_groups.
         inplace: modify ``model`` itself.
         report: also return a :class:`ConversionReport`.
+        batched_ws: standardize all WS weights in one model-level pass per forward of the returned model
+            (:mod:`torchws.batched`); None follows the environment variable TORCHWS_BATCHED (on unless "0").
 
     Returns:
         The converted model, or ``(model, report)`` with ``report=True``. Replacements keep the original's
@@ -268,7 +271,17 @@ def convert(
             model = new
         else:
             _set_module(model, path, new)
+    _refresh_batched(model, batched_ws)
     return (model, rep) if report else model
+
+
+def _refresh_batched(model: nn.Module, enabled: bool | None) -> None:
+    from torchws.batched import auto_enable, find_handle
+
+    handle = find_handle(model)
+    if handle is not None:
+        handle.refresh()  # a deep-copied handle still lists the replaced layers
+    auto_enable(model, enabled=enabled)
 
 
 @dataclass(frozen=True)
@@ -331,6 +344,9 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             model = done[id(m)]
         else:
             _set_module(model, path, done[id(m)])
+    from torchws.batched import disable_batched_ws
+
+    disable_batched_ws(model)  # the copied pass would keep standardizing the replaced layers
     return model
 
 

@@ -45,11 +45,17 @@ def _check_weight(weight: Tensor, min_dim: int, what: str) -> None:
         raise ValueError(f"{what}: weight must have rank >= {min_dim} (out, fan-in...), got shape {shape}")
 
 
+def _layer_norm_form(p: Preset) -> bool:
+    """Population variance with eps inside the root: exactly ``F.layer_norm`` without affine over the fan-in."""
+    return p.eps_placement == "inside_sqrt" and p.variance == "population"
+
+
 def standardize_rows(rows: Tensor, *, preset: str | Preset = DEFAULT_PRESET, eps: float | None = None) -> Tensor:
     """Standardize each row of ``rows`` (shape ``(O, n)``) with the numerics of ``preset``.
 
-    ``paper``/``timm``/``bit`` (population variance, eps inside the root) run as one fused ``F.batch_norm`` over
-    ``(1, O, n)``, as timm does: one kernel forward and one backward, and it exports cleanly.
+    ``paper``/``timm``/``bit`` (population variance, eps inside the root) run as one fused ``F.layer_norm`` over
+    the rows without affine: the same formula as timm's ``F.batch_norm`` over ``(1, O, n)``, one kernel forward and
+    one backward, exports cleanly, and on CPU about 2x faster than the batch_norm form.
 
     Args:
         rows: ``(O, n)`` floating tensor with ``n >= 2``.
@@ -69,8 +75,8 @@ def standardize_rows(rows: Tensor, *, preset: str | Preset = DEFAULT_PRESET, eps
     if n < 2:
         raise ValueError(f"standardize_rows: fan-in is {n}; a row of one element cannot be standardized")
     x = rows if rows.dtype in _STATS_DTYPES else rows.float()
-    if p.eps_placement == "inside_sqrt" and p.variance == "population":
-        y = F.batch_norm(x.unsqueeze(0), None, None, training=True, momentum=0.0, eps=eps).squeeze(0)
+    if _layer_norm_form(p):
+        y = F.layer_norm(x, (n,), eps=eps)
     else:
         var, mean = torch.var_mean(x, dim=1, correction=1 if p.unbiased else 0, keepdim=True)
         if p.eps_placement == "added_to_std":
@@ -90,9 +96,27 @@ def fan_in(weight: Tensor, *, transposed: bool = False, groups: int = 1) -> int:
     return math.prod(weight.shape[1:])
 
 
+def _channels_last_kind(w: Tensor) -> torch.memory_format | None:
+    """channels_last(_3d) when that (and not plain contiguity) describes ``w``'s layout."""
+    if w.is_contiguous():
+        return None
+    if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if w.dim() == 5 and w.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
+
+
 def weight_to_rows(weight: Tensor, *, transposed: bool = False, groups: int = 1) -> Tensor:
-    """View/copy ``weight`` as rows ``(out_channels, fan_in)``."""
+    """``weight`` as rows ``(out_channels, fan_in)``.
+
+    A contiguous or channels_last Conv/Linear weight gives a view (no copy); a channels_last filter's row is read in
+    memory order (spatial, then channels), which changes nothing since a row's statistics ignore element order.
+    Use :func:`rows_to_weight` with the same ``weight`` as ``like`` to go back.
+    """
     if not transposed:
+        if _channels_last_kind(weight) is not None:
+            return weight.movedim(1, -1).reshape(weight.shape[0], -1)
         return weight.reshape(weight.shape[0], -1)
     cin, cout_g = weight.shape[0], weight.shape[1]
     if cin % groups:
@@ -110,13 +134,11 @@ def rows_to_weight(rows: Tensor, like: Tensor, *, transposed: bool = False, grou
         k = math.prod(like.shape[2:])
         w = rows.reshape(groups, cout_g, cin // groups, k).permute(0, 2, 1, 3)
         return w.reshape(like.shape)
-    out = rows.reshape(like.shape)
-    # keep cuDNN/oneDNN on the layout the model chose instead of converting the weight at every conv
-    if like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last):
-        out = out.contiguous(memory_format=torch.channels_last)
-    elif like.dim() == 5 and not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last_3d):
-        out = out.contiguous(memory_format=torch.channels_last_3d)
-    return out
+    if _channels_last_kind(like) is not None:
+        # rows hold (spatial..., C) per filter: view back and move C to dim 1, a channels_last tensor, no copy
+        o, c, *spatial = like.shape
+        return rows.reshape(o, *spatial, c).movedim(-1, 1)
+    return rows.reshape(like.shape)
 
 
 def _apply_affine(rows: Tensor, gain: Tensor | None, shift: Tensor | None, what: str) -> Tensor:
@@ -154,7 +176,14 @@ def weight_standardize(
         Tensor shaped and laid out like ``weight``, in ``weight.dtype``.
     """
     _check_weight(weight, 2, "weight_standardize")
-    rows = standardize_rows(weight_to_rows(weight), preset=preset, eps=eps)
+    p = get_preset(preset)
+    if _layer_norm_form(p) and weight.is_contiguous() and weight.dtype in _STATS_DTYPES and weight[0].numel() > 1:
+        # layer_norm over dims 1.. of a contiguous (O, ...) weight: WS with no reshape in or out (fewest CPU ops)
+        y = F.layer_norm(weight, weight.shape[1:], eps=p.eps if eps is None else float(eps))
+        if gain is None and shift is None:
+            return y
+        return _apply_affine(y.view(weight.shape[0], -1), gain, shift, "weight_standardize").view(weight.shape)
+    rows = standardize_rows(weight_to_rows(weight), preset=p, eps=eps)
     return rows_to_weight(_apply_affine(rows, gain, shift, "weight_standardize"), weight)
 
 

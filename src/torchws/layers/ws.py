@@ -126,7 +126,8 @@ class WSMixin:
                 f"{type(self).__name__}.set_standardized_weight: shape {tuple(weight.shape)} does not match the "
                 f"weight's {tuple(self.weight.shape)}"
             )
-        self._ws_supplied = weight
+        # plain object attribute: skips nn.Module.__setattr__'s checks, which run for every layer on every step
+        object.__setattr__(self, "_ws_supplied", weight)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # type: ignore[misc]

@@ -73,17 +73,27 @@ def get_model_info(name: str) -> ModelInfo:
         raise ValueError(f"unknown model {name!r}; {hint} (list_models() shows all)") from None
 
 
-def create_model(name: str, *, num_classes: int | None = None, **overrides: object) -> nn.Module:
+def create_model(
+    name: str, *, num_classes: int | None = None, batched_ws: bool | None = None, **overrides: object
+) -> nn.Module:
     """Build registered model `name`.
 
     num_classes: classifier width; None takes the model's default (1000 ImageNet families, 10 small-image ones).
     overrides (each builder checks its own): in_chans (alias channels), zero_init_residual, ws_preset (WS models
     only, e.g. "official" to match the authors' checkpoints exactly), num_groups (GN/BCN), features_only,
     out_indices.
+    batched_ws: WS models standardize all their weights in one model-level pass per forward
+    (:mod:`torchws.batched`); None follows the environment variable TORCHWS_BATCHED (on unless "0"), False keeps
+    the per-layer path.
     """
     info = get_model_info(name)
     accepted = [p for p in inspect.signature(info.builder).parameters if p != "num_classes"]
     unknown = sorted(set(overrides) - set(accepted))
     if unknown:
         raise TypeError(f"create_model({name!r}): unknown override {', '.join(unknown)}; valid: {', '.join(accepted)}")
-    return info.builder(num_classes=info.num_classes if num_classes is None else num_classes, **overrides)
+    model = info.builder(num_classes=info.num_classes if num_classes is None else num_classes, **overrides)
+    if info.ws:
+        from torchws.batched import auto_enable  # lazy: batched imports layers, which the builders import
+
+        auto_enable(model, enabled=batched_ws)
+    return model
