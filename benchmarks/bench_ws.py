@@ -7,6 +7,8 @@ Variants (all built from the same plain-conv GroupNorm network, same weights):
     torchws         torchws ``WSConv2d``, per-layer path
     batched         torchws with ``enable_batched_ws(backend="torch")``
     batched_triton  torchws with ``enable_batched_ws(backend="triton")`` (CUDA only)
+    batched_graph   torchws with ``enable_batched_ws(backend="cuda_graph")``: the torch pass replayed from CUDA graphs
+                    (CUDA only)
     folded          ``torchws.convert.fold`` of the torchws model (plain convs again)
 
 Parts:
@@ -73,6 +75,11 @@ def make_variant(kind: str, base: nn.Module) -> nn.Module | str:
         if not _kernel_available(next(m.parameters()).device):
             return "triton kernel not available on this device"
         enable_batched_ws(m, backend="triton")
+        return m
+    if kind == "batched_graph":
+        if next(m.parameters()).device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        enable_batched_ws(m, backend="cuda_graph")
         return m
     if kind == "folded":
         try:
@@ -272,6 +279,13 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
             m.weight = src.weight  # the same tensors, so both paths write the same .grad
         tri.refresh()
         cases["batched_triton"] = lambda: _in_order(tri.standardize(), tri_layers)
+    if device.type == "cuda":
+        graphed = BatchedWS(copy.deepcopy(model), backend="cuda_graph")
+        graphed_layers = [m for m in graphed.model.modules() if isinstance(m, WSMixin)]
+        for m, src in zip(graphed_layers, layers):
+            m.weight = src.weight
+        graphed.refresh()
+        cases["batched_graph"] = lambda: _in_order(graphed.standardize(), graphed_layers)
 
     def fwd_bwd(fn: Callable[[], list[torch.Tensor]]) -> Callable[[], None]:
         def run() -> None:
@@ -325,17 +339,23 @@ def check_batched(device: torch.device, name: str) -> bool:
     per-layer run as the per-layer bf16 run is (within 1.5x + 1e-3).
     """
     ok = True
+    # TF32 convolutions round each weight to 10 mantissa bits, so two weight computations equal to 1e-7 can round
+    # apart and, through 50 layers, differ by 1e-2; cuDNN's nondeterministic backward adds its own noise.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     torch.manual_seed(0)
     ref = swap_convs(build_base(name), WSConv2d).to(device)
     c, h, w, _ = IMAGE[name]
     x = torch.randn(2, c, h, w, device=device)
     backends = ["torch"] + (["triton"] if _kernel_available(device) else [])
+    backends += ["cuda_graph"] if device.type == "cuda" else []
     fp32_ref = _run_once(ref, x, None)
     bf16_ref = _rel_errors(fp32_ref, _run_once(ref, x, torch.bfloat16))
     for amp in (None, torch.bfloat16):
         for backend in backends:
             model = copy.deepcopy(ref)
             enable_batched_ws(model, backend=backend)
+            _run_once(model, x, amp)  # a first step (the cuda_graph backend captures here), then the checked one
             err_y, err_g = _rel_errors(fp32_ref, _run_once(model, x, amp))
             if amp is None:
                 good = err_y < 1e-4 and err_g < 1e-4
@@ -381,7 +401,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "cuda: resnet50)")  # fmt: skip
     p.add_argument("--batches", default="1,2,32")
     p.add_argument("--precisions", default=None, help="fp32,bf16_cl (default cpu: fp32; cuda: both)")
-    p.add_argument("--variants", default="gn,authors,timm,torchws,batched,batched_triton,folded")
+    p.add_argument("--variants", default="gn,authors,timm,torchws,batched,batched_triton,batched_graph,folded")
     p.add_argument("--reps", type=int, default=None, help="max interleaved rounds per config (default 60 cpu/30 cuda)")
     p.add_argument("--op-reps", type=int, default=None, help="rounds for (a) (default 20 cpu/50 cuda)")
     p.add_argument("--budget-s", type=float, default=None, help="time cap per config; lowers rounds (default 40)")
@@ -399,7 +419,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.models = (a.models or ("resnet50" if cuda else "cifar_resnet20,cifar_resnet18")).split(",")
     a.precisions = (a.precisions or ("fp32,bf16_cl" if cuda else "fp32")).split(",")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"  # CPU smoke test of the triton path
-    a.variants = [v for v in a.variants.split(",") if cuda or interpret or v != "batched_triton"]
+    a.variants = [v for v in a.variants.split(",") if cuda or (interpret and v != "batched_graph")
+                  or v not in ("batched_triton", "batched_graph")]  # fmt: skip
     a.batches = [int(b) for b in a.batches.split(",")]
     a.reps = a.reps or (30 if cuda else 60)
     a.op_reps = a.op_reps or (50 if cuda else 20)

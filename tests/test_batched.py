@@ -306,3 +306,51 @@ def test_triton_backend_in_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+# --- cuda_graph backend -------------------------------------------------------------------------------------------
+def test_cuda_graph_backend_falls_back_to_torch_on_cpu_and_copies():
+    ref, model = _pair()
+    handle = enable_batched_ws(model, backend="cuda_graph")
+    x = torch.randn(2, 3, 8, 8)
+    _assert_same(_run(model, x), _run(ref, x), 1e-6, 1e-6)
+    assert handle._graph is None  # CPU: the torch pass ran, nothing was captured
+    clone = copy.deepcopy(model)
+    assert find_handle(clone).backend == "cuda_graph" and find_handle(clone)._graph is None
+    _assert_same(_run(clone, x), _run(ref, x), 1e-6, 1e-6)
+
+
+def test_graphed_pass_gradient_views_follow_each_input_layout():
+    from torchws.kernels.cuda_graph import GraphedPass, _dense_strides
+
+    inputs = [torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last), torch.randn(5, 7),
+              torch.randn(6, 2, 3)[:, :, :2]]  # fmt: skip
+    assert _dense_strides(inputs[0]) == inputs[0].stride() and _dense_strides(inputs[2]) == (4, 2, 1)
+    runner = object.__new__(GraphedPass)  # only the layout bookkeeping, no capture (needs CUDA)
+    runner._layout = [(t.shape, _dense_strides(t)) for t in inputs]
+    runner._offsets = [0, 48, 83, 107]
+    flat = torch.arange(107.0)
+    views = runner.unflatten(flat)
+    assert [v.shape for v in views] == [t.shape for t in inputs]
+    assert views[0].is_contiguous(memory_format=torch.channels_last) and views[1].is_contiguous()
+    # every element of the flat buffer is used exactly once
+    assert torch.equal(torch.sort(torch.cat([v.reshape(-1) for v in views])).values, flat)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_backend_matches_per_layer_over_sgd_steps():
+    torch.manual_seed(0)
+    ref, model = _pair()
+    ref, model = ref.cuda(), model.cuda()
+    enable_batched_ws(model, backend="cuda_graph")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
+    for step in range(4):
+        x = torch.randn(2, 3, 8, 8, device="cuda")
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad(set_to_none=step % 2 == 0)  # also the in-place zeroing path: .grad must not alias
+            m(x).square().mean().backward()
+            opt.step()
+        for p, q in zip(ref.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert find_handle(model)._graph is not None

@@ -58,7 +58,7 @@ __all__ = [
     "find_handle",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cuda_graph")
 ENV_DISABLE = "TORCHWS_BATCHED"  # "0" turns auto_enable off
 
 
@@ -217,8 +217,11 @@ def batched_standardize(
 ) -> dict[WSMixin, Tensor]:
     """Standardized weights (gain and shift applied) of every layer in ``groups``, keyed by layer.
 
-    ``concat`` (torch backend): concatenate each group (None: on every device but the CPU).
+    ``concat`` (torch backend): concatenate each group (None: on every device but the CPU). ``"cuda_graph"`` is a
+    property of a :class:`BatchedWS` handle (its graphs replay this function's torch path); here it means "torch".
     """
+    if backend == "cuda_graph":
+        backend = "torch"
     on_cpu = backend == "auto" and all(g.layers[0].weight.device.type == "cpu" for g in groups)
     kernel = None if backend == "torch" or on_cpu else _triton_module()
     if backend == "triton" and kernel is None:
@@ -258,6 +261,7 @@ class BatchedWS:
         self._weights: tuple[Tensor, ...] = ()
         self._signature: tuple = ()
         self._groups: list[_Group] = []
+        self._graph = None  # torchws.kernels.cuda_graph.GraphedPass of the cuda_graph backend, captured lazily
         self.refresh()
         self._pre = model.register_forward_pre_hook(self._pre_hook)
         self._post = model.register_forward_hook(self._post_hook, always_call=True)
@@ -286,7 +290,46 @@ class BatchedWS:
     def standardize(self) -> dict[WSMixin, Tensor]:
         """Compute every batched layer's standardized weight now (with autograd graph when grad is enabled)."""
         self._check_plan()
+        if self.backend == "cuda_graph":
+            graphed = self._standardize_graphed()
+            if graphed is not None:
+                return graphed
+            return batched_standardize(self._groups, "torch", self.concat)
         return batched_standardize(self._groups, self.backend, self.concat)
+
+    def _graph_inputs(self) -> list[Tensor]:
+        extra = [t for m in self._layers for t in (m.gain, m.shift) if t is not None]
+        return [*self._weights, *extra]
+
+    def _standardize_graphed(self) -> dict[WSMixin, Tensor] | None:
+        """The torch pass replayed from CUDA graphs; None where graphs do not apply (then the torch pass runs)."""
+        inputs = self._graph_inputs()
+        if (
+            not torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or not inputs
+            or not all(t.is_cuda and t.requires_grad for t in inputs)
+            or len({t.dtype for t in inputs}) != 1
+            or torch.cuda.is_current_stream_capturing()
+        ):
+            return None
+        if self._graph is None or not self._graph.matches(inputs):
+            from torchws.kernels.cuda_graph import GraphedPass
+
+            layers, groups = self._layers, self._groups
+
+            def run() -> list[Tensor]:
+                out = batched_standardize(groups, "torch", concat=True)
+                return [out[m] for m in layers]
+
+            self._graph = None  # free the old capture's memory before taking the new one
+            self._graph = GraphedPass(run, inputs)
+        return dict(zip(self._layers, self._graph()))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_graph"] = None  # CUDA graphs are neither copyable nor picklable: a copy captures its own
+        return state
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.paused:
@@ -325,7 +368,10 @@ def enable_batched_ws(model: nn.Module, *, backend: str = "auto", concat: bool |
 
     Args:
         model: the root module (call it as before; its submodules called on their own still work per layer).
-        backend: "torch" (grouped torch ops, any device), "triton" (one multi-tensor kernel launch per
+        backend: "torch" (grouped torch ops, any device), "cuda_graph" (the torch pass captured once as a forward
+            and a backward CUDA graph and replayed each step: removes the host cost that dominates at batch 1-2;
+            falls back to "torch" without grad, on CPU, under torch.compile or inside a user's graph capture; see
+            :mod:`torchws.kernels.cuda_graph` for its rules), "triton" (one multi-tensor kernel launch per
             (preset, eps, dtype, device); raises if unavailable) or "auto" (triton on CUDA when available, else torch;
             always torch while ``torch.compile`` traces).
         concat: torch backend only: one cat + standardize + split per group (True) or each layer's rows

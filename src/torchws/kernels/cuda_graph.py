@@ -1,0 +1,131 @@
+"""Replay a model-level WS pass as two CUDA graphs: one for the forward, one for the backward.
+
+At batch 1-2 a ResNet-50 step on a modern GPU is bound by the host: each kernel launch and each autograd node
+costs microseconds of Python and C++ while the GPU idles. Standardizing 53 weights is ~10 tiny kernels forward
+and as many backward, plus ~100 autograd bookkeeping steps; replaying them as captured graphs turns that into one
+launch each way, plus one multi-tensor copy of the incoming gradients and one copy out.
+
+Rules the replay relies on (the same as ``torch.cuda.make_graphed_callables``):
+    * the inputs (weights, gains, shifts) keep their storage: optimizers update them in place. A changed pointer,
+      shape, stride, dtype or ``requires_grad`` is detected and the pass is captured again;
+    * the outputs live in graph memory and are overwritten by the next replay: use them in the forward they were
+      made for (two forwards before one backward are fine while the weights do not change in between);
+    * gradients handed back are copied out of graph memory (``.grad`` never aliases it).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["GraphedPass", "graph_signature"]
+
+
+def graph_signature(inputs: Sequence[Tensor]) -> tuple:
+    """What a captured graph depends on: pointer, shape, stride, dtype and requires_grad of every input."""
+    return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.requires_grad) for t in inputs)
+
+
+def _dense_strides(t: Tensor) -> tuple[int, ...]:
+    """``t``'s strides when they describe a dense layout we keep (contiguous, channels_last), else contiguous ones."""
+    formats = [torch.contiguous_format]
+    if t.dim() == 4:
+        formats.append(torch.channels_last)
+    if t.dim() == 5:
+        formats.append(torch.channels_last_3d)
+    if any(t.is_contiguous(memory_format=f) for f in formats):
+        return t.stride()
+    return torch.empty(t.shape, device="meta").stride()
+
+
+class GraphedPass:
+    """``fn() -> list[Tensor]`` (a differentiable function of ``inputs``) captured as forward and backward graphs.
+
+    Call the instance to replay: it returns ``fn``'s outputs with an autograd node whose backward replays the
+    captured backward and returns gradients for ``inputs``.
+    """
+
+    def __init__(self, fn: Callable[[], list[Tensor]], inputs: Sequence[Tensor], warmup: int = 3) -> None:
+        if not inputs or not all(t.is_cuda and t.requires_grad for t in inputs):
+            raise ValueError("GraphedPass: inputs must be CUDA tensors that require grad")
+        if len({t.dtype for t in inputs}) != 1:
+            raise ValueError("GraphedPass: inputs must share one dtype (their gradients share one buffer)")
+        self.inputs = tuple(inputs)
+        self.signature = graph_signature(self.inputs)
+        self._capture(fn, warmup)
+
+    def _capture(self, fn: Callable[[], list[Tensor]], warmup: int) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
+            for _ in range(warmup):  # lazy inits, allocator warm-up, library handles: nothing of that may be captured
+                outs = fn()
+                torch.autograd.grad(outs, self.inputs, [torch.ones_like(o) for o in outs], allow_unused=True)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.forward_graph = torch.cuda.CUDAGraph()
+        with torch.autocast("cuda", enabled=False), torch.cuda.graph(self.forward_graph, pool=pool):
+            outs = fn()
+        self.static_outputs = tuple(outs)
+        self.static_grad_outputs = tuple(torch.empty_like(o) for o in outs)
+        self._layout = [(t.shape, _dense_strides(t)) for t in self.inputs]
+        self._offsets = [0]
+        for t in self.inputs:
+            self._offsets.append(self._offsets[-1] + t.numel())
+        self.backward_graph = torch.cuda.CUDAGraph()
+        with torch.autocast("cuda", enabled=False), torch.cuda.graph(self.backward_graph, pool=pool):
+            grads = torch.autograd.grad(outs, self.inputs, self.static_grad_outputs, allow_unused=True)
+            # (sum numel,): one buffer holding every input's gradient in that input's own memory layout, so the
+            # views handed to autograd match the parameters' layout (no re-striding copy in AccumulateGrad)
+            dtype, device = self.inputs[0].dtype, self.inputs[0].device
+            self.static_flat_grad = torch.zeros(self._offsets[-1], device=device, dtype=dtype)
+            for g, dst in zip(grads, self.unflatten(self.static_flat_grad)):
+                if g is not None:
+                    dst.copy_(g)
+
+    def matches(self, inputs: Sequence[Tensor]) -> bool:
+        """Whether this capture is valid for ``inputs`` (same tensors, storage and layout)."""
+        return len(inputs) == len(self.inputs) and graph_signature(inputs) == self.signature
+
+    def unflatten(self, flat: Tensor) -> list[Tensor]:
+        """Input-shaped (and input-strided) views into a flat gradient buffer."""
+        return [
+            flat.as_strided(shape, stride, flat.storage_offset() + start)
+            for (shape, stride), start in zip(self._layout, self._offsets)
+        ]
+
+    def __call__(self) -> list[Tensor]:
+        return list(_Replay.apply(self, *self.inputs))
+
+    @property
+    def nbytes(self) -> int:
+        """Graph-owned bytes of the static outputs, incoming and outgoing gradients (saved tensors excluded)."""
+        tensors = (*self.static_outputs, *self.static_grad_outputs, self.static_flat_grad)
+        return sum(math.prod(t.shape) * t.element_size() for t in tensors)
+
+
+class _Replay(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, runner: GraphedPass, *inputs: Tensor) -> tuple[Tensor, ...]:
+        runner.forward_graph.replay()
+        ctx.runner = runner
+        return tuple(o.detach() for o in runner.static_outputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: Tensor | None) -> tuple:
+        runner: GraphedPass = ctx.runner
+        dst, src = [], []
+        for static, g in zip(runner.static_grad_outputs, grads):
+            if g is None:
+                static.zero_()
+            elif g.data_ptr() != static.data_ptr():
+                dst.append(static)
+                src.append(g)
+        if dst:
+            torch._foreach_copy_(dst, src)  # one multi-tensor copy of the incoming gradients
+        runner.backward_graph.replay()
+        return (None, *runner.unflatten(runner.static_flat_grad.clone()))
