@@ -85,6 +85,9 @@ class GraphedPass:
             for g, dst in zip(grads, self.unflatten(self.static_flat_grad)):
                 if g is not None:
                     dst.copy_(g)
+        # drop the captured autograd graph: it would keep AccumulateGrad nodes made on the capture stream alive, and
+        # every later backward would then sync streams (and warn). The graphs already hold what they replay.
+        self.static_outputs = tuple(o.detach() for o in self.static_outputs)
 
     def matches(self, inputs: Sequence[Tensor]) -> bool:
         """Whether this capture is valid for ``inputs`` (same tensors, storage and layout)."""
