@@ -211,3 +211,14 @@ def test_imagefolder_bf16_channels_last(tmp_path):
     with pytest.raises(ConfigError, match="at least 112 px"):
         train(tiny_cfg(tmp_path / "x", dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=16,
                        model="resnet18_gn_ws"), echo=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,expected", [("off", None), ("auto", "auto"), ("torch", "torch")])
+def test_ws_backend_option_selects_the_model_level_pass(backend, expected):
+    from torchws.batched import find_handle
+    from torchws.train.config import TrainConfig
+    from torchws.train.inputs import build_model
+
+    model = build_model(TrainConfig(model="cifar_resnet20_gn_ws", ws_backend=backend), num_classes=10, channels=1)
+    handle = find_handle(model)
+    assert (handle.backend if handle else None) == expected

@@ -194,22 +194,12 @@ def _standardize_groups_triton(groups: Sequence[_Group], kernel) -> dict[WSMixin
     return out
 
 
-_KERNEL_ON: dict[torch.device, bool] = {}  # is_available per CUDA device, asked once per process
-
-
-def _resolve_backend(backend: str, group: _Group, kernel) -> str:
-    if backend == "torch" or kernel is None:
-        return "torch"
-    if torch.compiler.is_compiling():  # the graph compiler fuses the torch ops itself
-        return "torch"
-    if backend == "triton":
+def _resolve_backend(backend: str) -> str:
+    """"auto" is the torch path: on an H200 it beat the Triton multi-tensor kernel in every measured configuration
+    (host cost of the launch and packing; benchmarks/RESULTS.md). Under torch.compile the compiler fuses torch ops."""
+    if backend == "triton" and not torch.compiler.is_compiling():
         return "triton"
-    device = group.layers[0].weight.device
-    if device.type != "cuda":  # "auto" never picks the (slow) Triton interpreter
-        return "torch"
-    if device not in _KERNEL_ON:
-        _KERNEL_ON[device] = bool(kernel.is_available(device))
-    return "triton" if _KERNEL_ON[device] else "torch"
+    return "torch"
 
 
 def batched_standardize(
@@ -220,22 +210,16 @@ def batched_standardize(
     ``concat`` (torch backend): concatenate each group (None: on every device but the CPU). ``"cuda_graph"`` is a
     property of a :class:`BatchedWS` handle (its graphs replay this function's torch path); here it means "torch".
     """
-    if backend == "cuda_graph":
-        backend = "torch"
-    on_cpu = backend == "auto" and all(g.layers[0].weight.device.type == "cpu" for g in groups)
-    kernel = None if backend == "torch" or on_cpu else _triton_module()
-    if backend == "triton" and kernel is None:
-        raise RuntimeError("batched WS: backend='triton' needs torchws.kernels (and triton); use backend='auto'")
     out: dict[WSMixin, Tensor] = {}
-    triton_groups = []
+    if _resolve_backend(backend) == "triton":
+        kernel = _triton_module()
+        if kernel is None:
+            raise RuntimeError("batched WS: backend='triton' needs torchws.kernels (and triton); use backend='auto'")
+        out.update(_standardize_groups_triton(groups, kernel))
+        return out
     for g in groups:
-        if _resolve_backend(backend, g, kernel) == "triton":
-            triton_groups.append(g)
-        else:
-            cat = g.layers[0].weight.device.type != "cpu" if concat is None else concat
-            out.update(zip(g.layers, _standardize_group_torch(g, cat)))
-    if triton_groups:
-        out.update(_standardize_groups_triton(triton_groups, kernel))
+        cat = g.layers[0].weight.device.type != "cpu" if concat is None else concat
+        out.update(zip(g.layers, _standardize_group_torch(g, cat)))
     return out
 
 
@@ -245,7 +229,7 @@ class BatchedWS:
 
     Attributes:
         model: the root module whose forward triggers the pass.
-        backend: "auto", "torch" or "triton".
+        backend: "auto", "torch", "triton" or "cuda_graph".
         concat: torch backend: concatenate each group (None: everywhere but on the CPU).
         paused: while True the hooks do nothing (used by :func:`torchws.accumulate.ws_accumulation`).
     """
@@ -372,8 +356,8 @@ def enable_batched_ws(model: nn.Module, *, backend: str = "auto", concat: bool |
             and a backward CUDA graph and replayed each step: removes the host cost that dominates at batch 1-2;
             falls back to "torch" without grad, on CPU, under torch.compile or inside a user's graph capture; see
             :mod:`torchws.kernels.cuda_graph` for its rules), "triton" (one multi-tensor kernel launch per
-            (preset, eps, dtype, device); raises if unavailable) or "auto" (triton on CUDA when available, else torch;
-            always torch while ``torch.compile`` traces).
+            (preset, eps, dtype, device); raises if unavailable; torch while ``torch.compile`` traces) or "auto"
+            (the torch path, the fastest measured without graphs).
         concat: torch backend only: one cat + standardize + split per group (True) or each layer's rows
             standardized in place within the pass (False). None: True on GPUs (launch-bound), False on the CPU,
             where the copies in and out cost more than the saved dispatches.
