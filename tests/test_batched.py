@@ -17,7 +17,7 @@ import torch.nn.utils.prune as prune
 from torch import nn
 
 from torchws.accumulate import ws_accumulation
-from torchws.batched import auto_enable, disable_batched_ws, enable_batched_ws, find_handle
+from torchws.batched import auto_enable, batched_standardize, disable_batched_ws, enable_batched_ws, find_handle
 from torchws.layers.ws import WSConv2d, WSConvTranspose2d, WSLinear, WSMixin
 
 
@@ -354,3 +354,23 @@ def test_cuda_graph_backend_matches_per_layer_over_sgd_steps():
         for p, q in zip(ref.parameters(), model.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     assert find_handle(model)._graph is not None
+
+
+def test_parameters_swapped_lets_the_pass_run_on_aliases():
+    from torchws.batched import _parameters_swapped
+
+    _, model = _pair()
+    handle = enable_batched_ws(model, backend="torch")
+    inputs = handle._graph_inputs()
+    aliases = [t.detach().requires_grad_() for t in inputs]
+    with _parameters_swapped(handle.layers, aliases):
+        assert all(m.weight is a for m, a in zip(handle.layers, aliases))
+        out = batched_standardize(handle.groups, "torch", concat=True)
+    assert all(m.weight is w for m, w in zip(handle.layers, inputs[: len(handle.layers)]))  # restored
+    assert all(isinstance(m.weight, torch.nn.Parameter) for m in handle.layers)
+    grads = torch.autograd.grad([out[m].sum() for m in handle.layers], aliases, allow_unused=True)
+    assert all(p.grad is None for p in inputs)  # gradients reached the aliases, not the parameters
+    ref = {m: m.compute_standardized_weight() for m in handle.layers}
+    for m in handle.layers:
+        torch.testing.assert_close(out[m], ref[m], rtol=1e-6, atol=1e-6)
+    assert sum(g is not None for g in grads) == len(inputs)

@@ -37,6 +37,7 @@ after adding or removing WS layers call :meth:`BatchedWS.refresh`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -223,6 +224,21 @@ def batched_standardize(
     return out
 
 
+@contextlib.contextmanager
+def _parameters_swapped(layers: Sequence[WSMixin], tensors: Sequence[Tensor]):
+    """Temporarily let ``layers`` read ``tensors`` (weights in layer order, then gains/shifts) as their parameters."""
+    slots = [(m, "weight") for m in layers]
+    slots += [(m, name) for m in layers for name in ("gain", "shift") if m._parameters.get(name) is not None]
+    saved = [m._parameters[name] for m, name in slots]
+    for (m, name), t in zip(slots, tensors):
+        m._parameters[name] = t  # the dict directly: a plain tensor (an alias of the parameter) is allowed here
+    try:
+        yield
+    finally:
+        for (m, name), t in zip(slots, saved):
+            m._parameters[name] = t
+
+
 # --- the handle ---------------------------------------------------------------------------------------------------
 class BatchedWS:
     """Handle of a model's batched WS pass (returned by :func:`enable_batched_ws`).
@@ -283,7 +299,7 @@ class BatchedWS:
 
     def _graph_inputs(self) -> list[Tensor]:
         extra = [t for m in self._layers for t in (m.gain, m.shift) if t is not None]
-        return [*self._weights, *extra]
+        return [*self._weights, *extra]  # the order _parameters_swapped expects
 
     def _standardize_graphed(self) -> dict[WSMixin, Tensor] | None:
         """The torch pass replayed from CUDA graphs; None where graphs do not apply (then the torch pass runs)."""
@@ -302,8 +318,9 @@ class BatchedWS:
 
             layers, groups = self._layers, self._groups
 
-            def run() -> list[Tensor]:
-                out = batched_standardize(groups, "torch", concat=True)
+            def run(tensors: list[Tensor]) -> list[Tensor]:
+                with _parameters_swapped(layers, tensors):
+                    out = batched_standardize(groups, "torch", concat=True)
                 return [out[m] for m in layers]
 
             self._graph = None  # free the old capture's memory before taking the new one

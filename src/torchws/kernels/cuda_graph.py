@@ -42,13 +42,15 @@ def _dense_strides(t: Tensor) -> tuple[int, ...]:
 
 
 class GraphedPass:
-    """``fn() -> list[Tensor]`` (a differentiable function of ``inputs``) captured as forward and backward graphs.
+    """``fn(tensors) -> list[Tensor]``, differentiable in ``tensors``, captured as forward and backward graphs.
 
-    Call the instance to replay: it returns ``fn``'s outputs with an autograd node whose backward replays the
-    captured backward and returns gradients for ``inputs``.
+    ``fn`` is captured on detached aliases of ``inputs`` (same storage, so every replay reads the inputs' current
+    values), never on ``inputs`` themselves: the inputs' own autograd nodes are not touched by the capture. Call the
+    instance to replay: it returns ``fn``'s outputs with an autograd node whose backward replays the captured
+    backward and returns gradients for ``inputs``.
     """
 
-    def __init__(self, fn: Callable[[], list[Tensor]], inputs: Sequence[Tensor], warmup: int = 3) -> None:
+    def __init__(self, fn: Callable[[list[Tensor]], list[Tensor]], inputs: Sequence[Tensor], warmup: int = 3) -> None:
         if not inputs or not all(t.is_cuda and t.requires_grad for t in inputs):
             raise ValueError("GraphedPass: inputs must be CUDA tensors that require grad")
         if len({t.dtype for t in inputs}) != 1:
@@ -57,18 +59,19 @@ class GraphedPass:
         self.signature = graph_signature(self.inputs)
         self._capture(fn, warmup)
 
-    def _capture(self, fn: Callable[[], list[Tensor]], warmup: int) -> None:
+    def _capture(self, fn: Callable[[list[Tensor]], list[Tensor]], warmup: int) -> None:
+        aliases = [t.detach().requires_grad_() for t in self.inputs]  # leaves of the captured graphs only
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
             for _ in range(warmup):  # lazy inits, allocator warm-up, library handles: nothing of that may be captured
-                outs = fn()
-                torch.autograd.grad(outs, self.inputs, [torch.ones_like(o) for o in outs], allow_unused=True)
+                outs = fn(aliases)
+                torch.autograd.grad(outs, aliases, [torch.ones_like(o) for o in outs], allow_unused=True)
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph = torch.cuda.CUDAGraph()
         with torch.autocast("cuda", enabled=False), torch.cuda.graph(self.forward_graph, pool=pool):
-            outs = fn()
+            outs = fn(aliases)
         self.static_outputs = tuple(outs)
         self.static_grad_outputs = tuple(torch.empty_like(o) for o in outs)
         self._layout = [(t.shape, _dense_strides(t)) for t in self.inputs]
@@ -77,7 +80,7 @@ class GraphedPass:
             self._offsets.append(self._offsets[-1] + t.numel())
         self.backward_graph = torch.cuda.CUDAGraph()
         with torch.autocast("cuda", enabled=False), torch.cuda.graph(self.backward_graph, pool=pool):
-            grads = torch.autograd.grad(outs, self.inputs, self.static_grad_outputs, allow_unused=True)
+            grads = torch.autograd.grad(outs, aliases, self.static_grad_outputs, allow_unused=True)
             # (sum numel,): one buffer holding every input's gradient in that input's own memory layout, so the
             # views handed to autograd match the parameters' layout (no re-striding copy in AccumulateGrad)
             dtype, device = self.inputs[0].dtype, self.inputs[0].device
@@ -85,8 +88,7 @@ class GraphedPass:
             for g, dst in zip(grads, self.unflatten(self.static_flat_grad)):
                 if g is not None:
                     dst.copy_(g)
-        # drop the captured autograd graph: it would keep AccumulateGrad nodes made on the capture stream alive, and
-        # every later backward would then sync streams (and warn). The graphs already hold what they replay.
+        # the captured autograd graph is not needed any more: the CUDA graphs hold what they replay
         self.static_outputs = tuple(o.detach() for o in self.static_outputs)
 
     def matches(self, inputs: Sequence[Tensor]) -> bool:
