@@ -24,7 +24,7 @@ demo: setup data
 	$(BIN)/torchws demo
 
 test: setup
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
 
 bench: setup

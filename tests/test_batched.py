@@ -374,3 +374,21 @@ def test_parameters_swapped_lets_the_pass_run_on_aliases():
     for m in handle.layers:
         torch.testing.assert_close(out[m], ref[m], rtol=1e-6, atol=1e-6)
     assert sum(g is not None for g in grads) == len(inputs)
+
+
+def test_zoo_and_convert_enable_the_pass_and_fold_removes_it():
+    from torchws import convert, fold
+    from torchws.models import create_model
+
+    model = create_model("cifar_resnet20_gn_ws", num_classes=10, in_chans=1).eval()
+    assert find_handle(model) is not None
+    assert find_handle(create_model("cifar_resnet20_gn_ws", batched_ws=False)) is None
+    assert find_handle(create_model("cifar_resnet20_gn")) is None  # nothing to batch
+    plain = create_model("cifar_resnet20_bn", num_classes=10, in_chans=1)
+    converted = convert(plain, norm="gn", num_groups=8)
+    handle = find_handle(converted)
+    assert handle is not None and len(handle.layers) == sum(isinstance(m, WSMixin) for m in converted.modules())
+    folded = fold(model)
+    assert find_handle(folded) is None and not any(isinstance(m, WSMixin) for m in folded.modules())
+    x = torch.randn(2, 1, 28, 28)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
