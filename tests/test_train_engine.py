@@ -222,3 +222,20 @@ def test_ws_backend_option_selects_the_model_level_pass(backend, expected):
     model = build_model(TrainConfig(model="cifar_resnet20_gn_ws", ws_backend=backend), num_classes=10, channels=1)
     handle = find_handle(model)
     assert (handle.backend if handle else None) == expected
+
+
+def test_triton_backend_without_the_kernel_is_a_config_error(tmp_path, monkeypatch):
+    """It used to fail with a RuntimeError traceback at the first forward, after config.yaml was written."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no interpreter: no Triton kernel on the CPU
+    with pytest.raises(ConfigError, match="--ws-backend triton"):
+        train(tiny_cfg(tmp_path, ws_backend="triton", max_steps=1), splits=tiny_splits(), echo=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_dir_that_is_a_file_is_a_run_dir_error(tmp_path):
+    """It used to fail with a FileExistsError traceback."""
+    splits = tiny_splits()
+    (tmp_path / "file").write_text("not a dir")
+    with pytest.raises(RunDirError, match="is not a directory"):
+        train(tiny_cfg(tmp_path, out_dir=str(tmp_path / "file"), max_steps=1), splits=splits, echo=False)
+

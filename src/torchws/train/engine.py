@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from torchws.data import TensorSplits
+from torchws.layers import WSMixin
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, save_config
@@ -88,6 +89,8 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
 
 def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
     """The checkpoint to resume from (None: fresh run), refusing to clobber an existing run's checkpoints."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--out-dir {run_dir} is not a directory; pass a directory (new or holding a run)")
     if cfg.resume == "auto":
         last = run_dir / "last.pt"
         if last.exists():
@@ -99,6 +102,17 @@ def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
         raise RunDirError(f"--out-dir {run_dir} already holds {', '.join(existing)}; pass --resume auto to continue "
                           "that run, --overwrite to replace it, or another --out-dir")  # fmt: skip
     return None
+
+
+def _check_ws_backend(backend: str, model: nn.Module, device: torch.device) -> None:
+    """The Triton pass fails only at the first forward, mid-run; refuse it up front where its kernel cannot run."""
+    if backend != "triton" or not any(isinstance(m, WSMixin) for m in model.modules()):
+        return
+    from torchws.kernels import is_available
+
+    if not is_available(device):
+        raise ConfigError(f"--ws-backend triton: no Triton kernel for device {device} (needs CUDA and triton "
+                          "installed); use --ws-backend auto or torch")  # fmt: skip
 
 
 class Trainer:
@@ -114,6 +128,7 @@ class Trainer:
         _seed_everything(cfg.seed, cfg.deterministic)
         self.inputs: Inputs = build_inputs(cfg, info, device, splits)
         self.model = build_model(cfg, self.inputs.num_classes, self.inputs.channels).to(device)
+        _check_ws_backend(cfg.ws_backend, self.model, device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.steps_per_epoch = len(self.inputs.train) // cfg.accum_steps  # type: ignore[arg-type]
