@@ -238,6 +238,44 @@ def test_accumulation_too_many_forwards_raises():
     assert all(m._ws_supplied is None for m in model.modules() if isinstance(m, WSMixin))
 
 
+def test_accumulation_object_reused_across_steps():
+    # one WSAccumulation entered once per optimizer step: every step must deliver the WS gradients
+    ref, model = _pair()
+    acc = ws_accumulation(model)
+    for step in range(2):
+        ref.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+        x = _micro_batches(step + 1, torch.float32)[-1]
+        ref(x).square().mean().backward()
+        with acc:
+            model(x).square().mean().backward()
+        assert model.c1.weight.grad is not None, f"step {step}: WS gradients lost"
+        torch.testing.assert_close(model.c1.weight.grad, ref.c1.weight.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_accumulation_failing_enter_resumes_the_batched_pass(monkeypatch):
+    from torchws import accumulate
+
+    _, model = _pair()
+    handle = enable_batched_ws(model, backend="torch")
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("standardization failed")
+
+    monkeypatch.setattr(accumulate, "batched_standardize", failing)
+    with pytest.raises(RuntimeError, match="standardization failed"):
+        with ws_accumulation(model):
+            pass
+    assert not handle.paused  # the model's pass must keep working after the failed block
+    assert all(m._ws_supplied is None for m in model.modules() if isinstance(m, WSMixin))
+
+
+def test_accumulation_rejects_unknown_backend():
+    _, model = _pair()
+    with pytest.raises(ValueError, match="ws_accumulation: backend must be one of .*got 'trition'"):
+        ws_accumulation(model, backend="trition")
+
+
 def test_accumulation_under_ddp_no_sync(tmp_path):
     import torch.distributed as dist
 

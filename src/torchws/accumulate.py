@@ -35,7 +35,7 @@ from types import TracebackType
 import torch
 from torch import Tensor, nn
 
-from torchws.batched import BatchedWS, _make_groups, batchable, batched_standardize, find_handle
+from torchws.batched import BACKENDS, BatchedWS, _make_groups, batchable, batched_standardize, find_handle
 from torchws.layers.ws import WSMixin
 
 __all__ = ["WSAccumulation", "ws_accumulation"]
@@ -67,6 +67,8 @@ class WSAccumulation:
     def __init__(self, model: nn.Module, *, steps: int | None = None, backend: str = "auto") -> None:
         if steps is not None and steps < 1:
             raise ValueError(f"ws_accumulation: steps must be a positive number of micro-batches, got {steps}")
+        if backend not in BACKENDS:
+            raise ValueError(f"ws_accumulation: backend must be one of {BACKENDS}, got {backend!r}")
         self._chain = _unwrap_chain(model)
         self.root = self._chain[-1]
         self.steps = steps
@@ -81,20 +83,26 @@ class WSAccumulation:
         self._counter = None
 
     def __enter__(self) -> WSAccumulation:
+        # per-block state: the same object may be entered once per optimizer step
+        self.forwards, self._fired, self._final_in_graph, self._done, self._counter = 0, set(), False, False, None
         for m in self._chain:
             handle = find_handle(m)
             if handle is not None and not handle.paused:
                 handle.paused = True  # the layers get leaves from us, not a fresh pass per forward
                 self._handles.append(handle)
-        layers = tuple(m for m in self.root.modules() if batchable(m))
-        with torch.enable_grad():
-            self._real = batched_standardize(_make_groups(layers), self.backend)  # type: ignore[arg-type]
-        for layer, w in self._real.items():
-            leaf = w.detach().requires_grad_(w.requires_grad)
-            self._leaves[layer] = leaf
-            layer.set_standardized_weight(leaf)
-        if self.steps is not None:
-            self._counter = self.root.register_forward_pre_hook(self._count_forward)
+        try:
+            layers = tuple(m for m in self.root.modules() if batchable(m))
+            with torch.enable_grad():
+                self._real = batched_standardize(_make_groups(layers), self.backend)  # type: ignore[arg-type]
+            for layer, w in self._real.items():
+                leaf = w.detach().requires_grad_(w.requires_grad)
+                self._leaves[layer] = leaf
+                layer.set_standardized_weight(leaf)
+            if self.steps is not None:
+                self._counter = self.root.register_forward_pre_hook(self._count_forward)
+        except BaseException as e:  # __exit__ does not run when __enter__ raises: unpause the pass here
+            self.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
     def _count_forward(self, module: nn.Module, args: tuple) -> None:
