@@ -279,9 +279,12 @@ def _refresh_batched(model: nn.Module, enabled: bool | None) -> None:
     from torchws.batched import auto_enable, find_handle
 
     handle = find_handle(model)
-    if handle is not None:
-        handle.refresh()  # a deep-copied handle still lists the replaced layers
-    auto_enable(model, enabled=enabled)
+    if handle is None:
+        auto_enable(model, enabled=enabled)
+    elif enabled is False:
+        handle.remove()
+    else:
+        handle.refresh()  # a deep-copied handle still lists the replaced layers; its backend/concat are kept
 
 
 @dataclass(frozen=True)
