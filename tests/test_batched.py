@@ -375,6 +375,20 @@ def test_graphed_pass_gradient_views_follow_each_input_layout():
     assert torch.equal(torch.sort(torch.cat([v.reshape(-1) for v in views])).values, flat)
 
 
+def test_graphed_pass_does_not_match_new_parameters_sharing_storage():
+    # e.g. load_state_dict(model.state_dict(), assign=True): new Parameter objects over the same storage. The
+    # replay hands gradients to the captured inputs, so a capture for the old objects must not be reused.
+    from torchws.kernels.cuda_graph import GraphedPass, graph_signature
+
+    old = [nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(4))]
+    runner = object.__new__(GraphedPass)  # only the bookkeeping, no capture (needs CUDA)
+    runner.inputs, runner.signature = tuple(old), graph_signature(old)
+    assert runner.matches(list(old))
+    new = [nn.Parameter(t.detach()) for t in old]
+    assert graph_signature(new) == runner.signature  # same pointers, shapes, strides: only identity differs
+    assert not runner.matches(new)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_backend_matches_per_layer_over_sgd_steps():

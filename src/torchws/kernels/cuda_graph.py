@@ -6,8 +6,8 @@ and as many backward, plus ~100 autograd bookkeeping steps; replaying them as ca
 launch each way, plus one multi-tensor copy of the incoming gradients and one copy out.
 
 Rules the replay relies on (the same as ``torch.cuda.make_graphed_callables``):
-    * the inputs (weights, gains, shifts) keep their storage: optimizers update them in place. A changed pointer,
-      shape, stride, dtype or ``requires_grad`` is detected and the pass is captured again;
+    * the inputs (weights, gains, shifts) keep their storage: optimizers update them in place. A changed tensor
+      object, pointer, shape, stride, dtype or ``requires_grad`` is detected and the pass is captured again;
     * the outputs live in graph memory and are overwritten by the next replay: use them in the forward they were
       made for (two forwards before one backward are fine while the weights do not change in between);
     * gradients handed back are copied out of graph memory (``.grad`` never aliases it).
@@ -93,7 +93,12 @@ class GraphedPass:
 
     def matches(self, inputs: Sequence[Tensor]) -> bool:
         """Whether this capture is valid for ``inputs`` (same tensors, storage and layout)."""
-        return len(inputs) == len(self.inputs) and graph_signature(inputs) == self.signature
+        # identity too: the replay returns gradients for self.inputs, and a new Parameter can share the old storage
+        return (
+            len(inputs) == len(self.inputs)
+            and all(a is b for a, b in zip(inputs, self.inputs))
+            and graph_signature(inputs) == self.signature
+        )
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
         """Input-shaped (and input-strided) views into a flat gradient buffer."""
