@@ -239,3 +239,15 @@ def test_out_dir_that_is_a_file_is_a_run_dir_error(tmp_path):
     with pytest.raises(RunDirError, match="is not a directory"):
         train(tiny_cfg(tmp_path, out_dir=str(tmp_path / "file"), max_steps=1), splits=splits, echo=False)
 
+
+
+def test_resume_uses_the_current_optimizer_flags(tmp_path):
+    """The current flags define the run on resume: momentum / weight decay / nesterov given now win over the
+    values stored in the checkpoint's optimizer state."""
+    splits = tiny_splits()
+    run_trainer(tiny_cfg(tmp_path, epochs=1, momentum=0.9, weight_decay=1e-4), splits)
+    resumed = run_trainer(tiny_cfg(tmp_path, epochs=2, resume="auto", momentum=0.5, weight_decay=0.0,
+                                   nesterov=True), splits)  # fmt: skip
+    decay, no_decay = resumed.optimizer.param_groups
+    assert (decay["momentum"], decay["weight_decay"], decay["nesterov"]) == (0.5, 0.0, True)
+    assert (no_decay["momentum"], no_decay["weight_decay"], no_decay["nesterov"]) == (0.5, 0.0, True)

@@ -161,10 +161,14 @@ class Trainer:
     def _restore(self, state: dict[str, Any], path: Path) -> None:
         saved = state.get("config", {}).get("model", "?")
         ckpt.restore_model(self.model, state["model"], path, saved)
+        # load_state_dict also restores the saved hyperparameters; the current flags define the run on resume
+        flags = [{k: g[k] for k in ("momentum", "weight_decay", "nesterov")} for g in self.optimizer.param_groups]
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as e:
             raise CheckpointError(f"checkpoint {path}: optimizer state does not fit this model ({e})") from None
+        for group, values in zip(self.optimizer.param_groups, flags):
+            group.update(values)
         self.schedule.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state["rng"])
         self.epoch, self.batch_in_epoch, self.step = state["epoch"], state["batch_in_epoch"], state["step"]
