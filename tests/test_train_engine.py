@@ -251,3 +251,12 @@ def test_resume_uses_the_current_optimizer_flags(tmp_path):
     decay, no_decay = resumed.optimizer.param_groups
     assert (decay["momentum"], decay["weight_decay"], decay["nesterov"]) == (0.5, 0.0, True)
     assert (no_decay["momentum"], no_decay["weight_decay"], no_decay["nesterov"]) == (0.5, 0.0, True)
+
+
+def test_fewer_eval_images_than_ranks_is_a_config_error(tmp_path):
+    """--max-eval-images 1 under 2 ranks left rank 1 an empty test shard: a ValueError traceback from TensorLoader."""
+    from torchws.train.inputs import build_inputs
+
+    cfg = tiny_cfg(tmp_path, max_eval_images=1).validate()
+    with pytest.raises(ConfigError, match="--max-eval-images"):
+        build_inputs(cfg, DistInfo(rank=1, world_size=2, enabled=True), torch.device("cpu"), tiny_splits())

@@ -132,6 +132,9 @@ def _tensor_inputs(cfg: TrainConfig, splits: tdata.TensorSplits, info: DistInfo,
                                **common)  # fmt: skip
     n_test = splits.test_images.shape[0] if cfg.max_eval_images is None else min(cfg.max_eval_images,
                                                                                  splits.test_images.shape[0])
+    if n_test < info.world_size:  # a rank would get an empty test shard
+        raise ConfigError(f"--max-eval-images / --dataset {splits.name}: {n_test} test images cannot be shared by "
+                          f"{info.world_size} ranks; evaluate on at least {info.world_size}")  # fmt: skip
     # each rank evaluates every world_size-th image, without padding, so the all-reduced counts are exact
     shard = slice(info.rank, n_test, info.world_size)
     test = tdata.TensorLoader(splits.test_images[:n_test][shard], splits.test_labels[:n_test][shard], EVAL_BATCH,
