@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from torchws.data import TensorSplits
@@ -60,6 +61,9 @@ def train(cfg: TrainConfig, *, splits: TensorSplits | None = None, echo: bool = 
 def evaluate(model: nn.Module, batches: Any, device: torch.device, info: DistInfo, channels_last: bool = False,
              bf16: bool = False) -> tuple[float, float]:  # fmt: skip
     """(mean cross-entropy, top-1 accuracy in %) over all ranks' shards of the test set."""
+    if info.enabled:  # BN running stats drift per rank in training: evaluate rank 0's (the saved) model everywhere
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     was_training = model.training
     model.eval()
     loss_sum, correct, count = 0.0, 0, 0
