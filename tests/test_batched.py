@@ -304,6 +304,21 @@ def test_accumulation_under_ddp_no_sync(tmp_path):
         dist.destroy_process_group()
 
 
+def test_accumulation_under_ddp_requires_steps(tmp_path):
+    # without steps the WS gradients are pushed on exit, outside DDP's backward: they would miss the all-reduce
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        _, model = _pair()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="DistributedDataParallel.*steps"):
+            ws_accumulation(ddp)
+        ws_accumulation(ddp, steps=2)  # fine
+    finally:
+        dist.destroy_process_group()
+
+
 def test_compile_without_graph_breaks():
     torch._dynamo.reset()
     _, model = _pair()

@@ -24,8 +24,9 @@ gradients, so that last backward carries every WS parameter's gradient and DDP a
 
 Without ``steps`` the accumulated gradients go through WS on exit (or at :meth:`WSAccumulation.backward_weights`),
 outside any DDP-synchronised backward: fine in one process, wrong under DDP (the WS parameters would miss the
-all-reduce). Layers the batched pass cannot handle (:func:`torchws.batched.batchable`) keep standardizing per
-micro-batch; their gradients are exact too, just not cheaper. Run each micro-batch's backward inside the block.
+all-reduce), so a DDP-wrapped model without ``steps`` raises. Layers the batched pass cannot handle
+(:func:`torchws.batched.batchable`) keep standardizing per micro-batch; their gradients are exact too, just not
+cheaper. Run each micro-batch's backward inside the block.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ class WSAccumulation:
 
     Args:
         model: the model (a DDP / DataParallel / torch.compile wrapper is unwrapped).
-        steps: number of grad-enabled forwards (micro-batches) in the block; needed under DDP. None: the
-            accumulated gradients are pushed through WS on exit.
+        steps: number of grad-enabled forwards (micro-batches) in the block; required under DDP (ValueError
+            without it). None: the accumulated gradients are pushed through WS on exit.
         backend: as in :func:`torchws.batched.enable_batched_ws`.
     """
 
@@ -70,6 +71,11 @@ class WSAccumulation:
         if backend not in BACKENDS:
             raise ValueError(f"ws_accumulation: backend must be one of {BACKENDS}, got {backend!r}")
         self._chain = _unwrap_chain(model)
+        if steps is None and any(isinstance(m, nn.parallel.DistributedDataParallel) for m in self._chain):
+            raise ValueError(
+                "ws_accumulation: the model is wrapped in DistributedDataParallel; pass steps=<micro-batches> (and "
+                "use no_sync() for all but the last), otherwise the WS parameters' gradients miss the all-reduce"
+            )
         self.root = self._chain[-1]
         self.steps = steps
         self.backend = backend
