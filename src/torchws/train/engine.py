@@ -50,11 +50,14 @@ def train(cfg: TrainConfig, *, splits: TensorSplits | None = None, echo: bool = 
     except ValueError as e:
         raise ConfigError(str(e)) from None
     previous = torch.are_deterministic_algorithms_enabled()
+    finished = False
     try:
-        return Trainer(cfg, info, device, splits, echo).run()
+        summary = Trainer(cfg, info, device, splits, echo).run()
+        finished = True
+        return summary
     finally:
         torch.use_deterministic_algorithms(previous)
-        cleanup_distributed(info)
+        cleanup_distributed(info, synchronize=finished)
 
 
 @torch.no_grad()
