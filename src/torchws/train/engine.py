@@ -148,7 +148,7 @@ class Trainer:
         self.total_batch = cfg.batch_size * cfg.accum_steps * info.world_size
         peak = scaled_lr(cfg.lr, cfg.batch_size, cfg.accum_steps, info.world_size, cfg.base_batch) if cfg.scale_lr \
             else cfg.lr  # fmt: skip
-        decay, no_decay = [], []  # as in the references: no weight decay on norms' affine params and biases
+        decay, no_decay = [], []  # none on 1-D params: our deviation from the paper (docs/training.md)
         for p in self.model.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
