@@ -460,3 +460,13 @@ def test_zoo_and_convert_enable_the_pass_and_fold_removes_it():
     assert find_handle(folded) is None and not any(isinstance(m, WSMixin) for m in folded.modules())
     x = torch.randn(2, 1, 28, 28)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_notices_a_changed_eps():
+    ref, model = _pair()
+    enable_batched_ws(model, backend="torch")
+    x = torch.randn(1, 3, 8, 8)
+    model(x)
+    for m in (ref, model):
+        m.c1.ws_eps = 0.5  # a large eps changes the standardized weight visibly
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)

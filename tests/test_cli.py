@@ -131,3 +131,15 @@ def test_console_script_prints_no_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torchws.train", "--help"], capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert result.returncode == 0 and "--ws-accumulate-once" in result.stdout
+
+
+def test_missing_optional_package_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path):
+    import sys
+
+    from torchws import cli
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ModuleNotFoundError
+    code = cli.main(["train", "--dataset", "digits", "--model", "cifar_resnet20_gn_ws", "--max-steps", "1",
+                     "--out-dir", str(tmp_path / "run"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "scikit-learn" in err[0], err

@@ -109,7 +109,7 @@ def _layer_signature(layer: WSMixin) -> tuple:
     if w is None:
         w = layer.weight
     return (id(w), w.dtype, w.device, w.shape, w.stride(), p.get("gain") is None, p.get("shift") is None,
-            len(layer._forward_pre_hooks))  # type: ignore[attr-defined]
+            len(layer._forward_pre_hooks), layer.ws_preset, layer.ws_eps)  # type: ignore[attr-defined]
 
 
 def _make_groups(layers: Sequence[WSMixin]) -> list[_Group]:

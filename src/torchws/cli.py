@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PIP_NAMES = {"sklearn": "scikit-learn", "PIL": "pillow", "yaml": "pyyaml"}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     from torchws.data import DatasetFormatError, DatasetNotFoundError
     from torchws.train import TrainError
@@ -97,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except _user_errors() as e:
         message = " ".join(str(e).split())  # one line, whatever the library put in it
+        print(f"torchws: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except ImportError as e:  # an optional dependency (scikit-learn for digits, Pillow for image folders)
+        if isinstance(e, ModuleNotFoundError) and e.name:
+            package = _PIP_NAMES.get(e.name, e.name)
+            message = f"this needs the package {e.name!r}, which is not installed: pip install {package}"
+        else:
+            message = " ".join(str(e).split())
         print(f"torchws: error: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
