@@ -138,7 +138,8 @@ def test_missing_optional_package_is_one_line_and_exit_2(monkeypatch, capsys, tm
 
     from torchws import cli
 
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn now raises ModuleNotFoundError
+    for name in ("sklearn", "sklearn.datasets"):  # importing them now raises ModuleNotFoundError
+        monkeypatch.setitem(sys.modules, name, None)
     code = cli.main(["train", "--dataset", "digits", "--model", "cifar_resnet20_gn_ws", "--max-steps", "1",
                      "--out-dir", str(tmp_path / "run"), "--no-progress"])  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
