@@ -226,7 +226,9 @@ def convert(
         model: any module (a deep copy is converted unless ``inplace``).
         norm: also replace every BatchNorm (``_BatchNorm``: BatchNorm1-3d, SyncBatchNorm) by ``nn.GroupNorm``
             (``"gn"``, affine Parameters reused) or :class:`BatchChannelNorm2d` (``"bcn"``, BatchNorm2d/SyncBatchNorm
-            only; affine Parameters and running statistics go to its ``bn`` part). ``None``: norms untouched.
+            only; affine Parameters and running statistics go to its ``bn`` part; its batch part is a plain
+            per-process BatchNorm2d, so a SyncBatchNorm's cross-rank statistics are not kept, and it always tracks
+            running statistics). ``None``: norms untouched.
         num_groups: groups of the new norms: an int or a rule ``channels -> groups``.
         preset, eps, gain: passed to each WS layer.
         linear: convert ``nn.Linear`` too (the paper keeps the classifier plain).
