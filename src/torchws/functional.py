@@ -55,7 +55,7 @@ def standardize_rows(rows: Tensor, *, preset: str | Preset = DEFAULT_PRESET, eps
 
     ``paper``/``timm``/``bit`` (population variance, eps inside the root) run as one fused ``F.layer_norm`` over
     the rows without affine: the same formula as timm's ``F.batch_norm`` over ``(1, O, n)``, one kernel forward and
-    one backward, exports cleanly, and on CPU about 2x faster than the batch_norm form.
+    one backward, and on CPU about 2x faster than the batch_norm form.
 
     Args:
         rows: ``(O, n)`` floating tensor with ``n >= 2``.
