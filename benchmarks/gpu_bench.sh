@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU run of the WS benchmark, one command, under 5 minutes on an H100:
 #   1. correctness: batched WS (triton and torch backends) vs the per-layer path on ResNet-50 GN+WS, outputs and
-#      every gradient, fp32 and bf16 autocast (bench_ws.py --check);
+#      every gradient, fp32 and bf16 autocast (bench_ws.py --check); gpu_stream_check.sh: the cuda_graph
+#      backend hands no gradient across streams (PyTorch >= 2.10's AccumulateGrad stream warning);
 #   2. the benchmark: (a) WS alone on the 53 ResNet-50 conv weights vs the copy floor, (b) SGD steps of ResNet-50
 #      at batch 1, 2, 32 in fp32 and bf16 autocast + channels_last, all variants interleaved.
 # Writes gpu_check.txt, gpu_bench.txt and gpu_bench.json to $OUT (default ./results). Exit 1 if the check failed.
@@ -16,6 +17,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 "$PY" benchmarks/bench_ws.py --device cuda --check 2>&1 | tee "$OUT/gpu_check.txt"
 check=${PIPESTATUS[0]}
+bash benchmarks/gpu_stream_check.sh 2>&1 | tee "$OUT/gpu_stream_check.txt"  # cuda_graph backend: one stream
 timeout 250 "$PY" benchmarks/bench_ws.py --device cuda --budget-s 15 --reps 30 --out "$OUT/gpu_bench.json" 2>&1 \
   | tee "$OUT/gpu_bench.txt"
 bench=${PIPESTATUS[0]}

@@ -61,16 +61,21 @@ class GraphedPass:
 
     def _capture(self, fn: Callable[[list[Tensor]], list[Tensor]], warmup: int) -> None:
         aliases = [t.detach().requires_grad_() for t in self.inputs]  # leaves of the captured graphs only
+        # One stream for warm-up and both captures. An autograd node keeps the stream that was current when it was
+        # made; the aliases' AccumulateGrad nodes are made in the first warm-up forward (on `side`). Captured on
+        # another stream, the backward capture would hand their gradients across streams (an event wait during
+        # capture, and PyTorch >= 2.10's "AccumulateGrad node's stream does not match" warning).
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), torch.autocast("cuda", enabled=False):
             for _ in range(warmup):  # lazy inits, allocator warm-up, library handles: nothing of that may be captured
                 outs = fn(aliases)
                 torch.autograd.grad(outs, aliases, [torch.ones_like(o) for o in outs], allow_unused=True)
+            outs = None  # drop the last warm-up graph (it holds the aliases' AccumulateGrad nodes) before capturing
         torch.cuda.current_stream().wait_stream(side)
         pool = torch.cuda.graph_pool_handle()
         self.forward_graph = torch.cuda.CUDAGraph()
-        with torch.autocast("cuda", enabled=False), torch.cuda.graph(self.forward_graph, pool=pool):
+        with torch.autocast("cuda", enabled=False), torch.cuda.graph(self.forward_graph, pool=pool, stream=side):
             outs = fn(aliases)
         self.static_outputs = tuple(outs)
         self.static_grad_outputs = tuple(torch.empty_like(o) for o in outs)
@@ -79,7 +84,7 @@ class GraphedPass:
         for t in self.inputs:
             self._offsets.append(self._offsets[-1] + t.numel())
         self.backward_graph = torch.cuda.CUDAGraph()
-        with torch.autocast("cuda", enabled=False), torch.cuda.graph(self.backward_graph, pool=pool):
+        with torch.autocast("cuda", enabled=False), torch.cuda.graph(self.backward_graph, pool=pool, stream=side):
             grads = torch.autograd.grad(outs, aliases, self.static_grad_outputs, allow_unused=True)
             # (sum numel,): one buffer holding every input's gradient in that input's own memory layout, so the
             # views handed to autograd match the parameters' layout (no re-striding copy in AccumulateGrad)
