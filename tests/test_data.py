@@ -291,6 +291,28 @@ def test_image_folder_mapping_shapes_normalization(tmp_path):
     torch.testing.assert_close(train_pixel.mean((1, 2)), green, atol=0.1, rtol=0)
 
 
+def test_image_folder_seeded_items_depend_only_on_seed_epoch_and_index(tmp_path):
+    """With a seed, item i of epoch e is the same whatever was drawn before (global RNG, other items, other workers),
+    so a resumed run or another --workers sees the same crops; the epoch changes them."""
+    _make_folder(tmp_path)
+
+    def items(dataset: ImageFolderDataset, order: list[int]) -> dict[int, torch.Tensor]:
+        return {i: dataset[i][0] for i in order}
+
+    first = ImageFolderDataset(tmp_path, "train", image_size=8, seed=3)
+    forward = items(first, [0, 1, 2])
+    torch.manual_seed(123)
+    again = ImageFolderDataset(tmp_path, "train", image_size=8, seed=3)
+    backward = items(again, [2, 1, 0, 2])
+    assert all(torch.equal(forward[i], backward[i]) for i in range(3))
+    again.set_epoch(1)
+    assert not torch.equal(again[0][0], forward[0])
+    other_seed = ImageFolderDataset(tmp_path, "train", image_size=8, seed=4)
+    assert not all(torch.equal(other_seed[i][0], forward[i]) for i in range(3))
+    with pytest.raises(ValueError, match="seed .* or generator, not both"):
+        ImageFolderDataset(tmp_path, "train", seed=0, generator=torch.Generator())
+
+
 def test_image_folder_errors(tmp_path):
     _make_folder(tmp_path)
     (tmp_path / "train" / "empty_class").mkdir()

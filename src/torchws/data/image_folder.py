@@ -70,12 +70,17 @@ class ImageFolderDataset(Dataset):
 
     Train transform (``train=True``): RandomResizedCrop(S, scale=(0.08, 1), ratio=(3/4, 4/3)) + horizontal flip with
     probability 1/2. Eval transform: resize the shorter side to ``int(S * 256 / 224)``, then center crop S.
-    Both normalize ``x / 255`` by ``mean`` / ``std`` (ImageNet statistics by default). Randomness comes from
-    ``generator`` if given, else torch's global RNG (which DataLoader seeds per worker).
+    Both normalize ``x / 255`` by ``mean`` / ``std`` (ImageNet statistics by default).
+
+    Randomness of the train transform: with ``seed``, item ``i`` draws from its own generator seeded by (seed, epoch,
+    i) (``set_epoch`` selects the epoch), so an item is the same whichever worker process loads it, in whatever order,
+    and a resumed run sees the crops of an uninterrupted one. Else from ``generator`` if given, else from torch's
+    global RNG (which DataLoader seeds per worker: results then depend on the worker count).
 
     Args:
         root: folder holding ``train/`` and ``val/``. split: subfolder name. image_size: S.
         train: which transform; defaults to ``split == "train"``.
+        seed: makes the augmentation a function of (seed, epoch, index); not together with ``generator``.
     """
 
     def __init__(
@@ -89,9 +94,12 @@ class ImageFolderDataset(Dataset):
         std: tuple[float, ...] = IMAGENET_STD,
         extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
         generator: torch.Generator | None = None,
+        seed: int | None = None,
     ) -> None:
         if image_size < 1:
             raise ValueError(f"ImageFolderDataset: image_size must be >= 1, got {image_size}")
+        if seed is not None and generator is not None:
+            raise ValueError("ImageFolderDataset: pass seed (one generator per item and epoch) or generator, not both")
         self.root = Path(root).expanduser()
         self.split_dir = self.root / split
         self.classes = find_classes(self.split_dir)
@@ -101,7 +109,8 @@ class ImageFolderDataset(Dataset):
         self.image_size = image_size
         self.train = split == "train" if train is None else train
         self.mean, self.std = tuple(mean), tuple(std)
-        self.generator = generator
+        self.generator, self.seed = generator, seed
+        self.epoch = 0
 
     @property
     def num_classes(self) -> int:
@@ -110,13 +119,22 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def transform(self, image: torch.Tensor) -> torch.Tensor:
-        """uint8 (3, H, W) -> normalized float32 (3, S, S) with the train or eval transform."""
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation items draw (with ``seed``). DataLoader copies the dataset into its
+        worker processes when an iteration starts, so call this before ``iter(loader)`` (not with persistent
+        workers)."""
+        self.epoch = epoch
+
+    def transform(self, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """uint8 (3, H, W) -> normalized float32 (3, S, S) with the train or eval transform.
+
+        generator: the random stream of the train transform (default: ``self.generator``)."""
         size = self.image_size
+        generator = self.generator if generator is None else generator
         if self.train:
-            top, left, h, w = random_resized_crop_params(image.shape[1], image.shape[2], generator=self.generator)
+            top, left, h, w = random_resized_crop_params(image.shape[1], image.shape[2], generator=generator)
             out = resize(image[:, top : top + h, left : left + w], (size, size))
-            if float(torch.rand((), generator=self.generator)) < 0.5:
+            if float(torch.rand((), generator=generator)) < 0.5:
                 out = out.flip(-1)
         else:
             out = center_crop(resize_shorter_side(image, int(size * 256 / 224)), size)
@@ -124,4 +142,26 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[index]
-        return self.transform(decode_image(path)), label
+        generator = None
+        if self.train and self.seed is not None:
+            generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        return self.transform(decode_image(path), generator), label
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's output function: a bijection of 64-bit ints that spreads every input bit over the output."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed of item ``index`` in ``epoch``: fixed arithmetic, so the same on every machine and process."""
+    mixed = 0x1F01DE7  # this stream's own start, apart from TensorLoader's
+    for value in (seed, epoch, index):
+        mixed = _splitmix64(mixed ^ (value & _MASK64))
+    return mixed >> 1

@@ -48,16 +48,21 @@ class _FolderTrainLoader:
     """DataLoader over an ImageFolderDataset with the TensorLoader interface (set_epoch, len, iter)."""
 
     def __init__(self, dataset: tdata.ImageFolderDataset, cfg: TrainConfig, info: DistInfo) -> None:
+        self.dataset = dataset  # seeded: each item's crop is a function of (seed, epoch, index)
         if info.enabled:
             self.sampler = DistributedSampler(dataset, info.world_size, info.rank, shuffle=True, seed=cfg.seed,
                                               drop_last=True)  # fmt: skip
         else:
             self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed))
+        # a generator of its own: starting an iteration draws the workers' base seed from it, not from the global RNG
+        # (the one the model's randomness uses and checkpoints restore), which a resumed run would then see shifted
         self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
-                                 drop_last=True, pin_memory=torch.cuda.is_available())  # fmt: skip
+                                 drop_last=True, pin_memory=torch.cuda.is_available(),
+                                 generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
         self.seed = cfg.seed
 
     def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
         if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
         else:
@@ -147,7 +152,7 @@ def _folder_inputs(cfg: TrainConfig, info: DistInfo) -> Inputs:
         raise ConfigError("--dataset imagefolder needs --data-dir (the folder holding train/<class>/ and val/<class>/)")
     size = cfg.image_size or tmodels.get_model_info(cfg.model).input_size[-1]
     check_image_size(cfg.model, size, "imagefolder")
-    train_set = tdata.ImageFolderDataset(cfg.data_dir, "train", image_size=size)
+    train_set = tdata.ImageFolderDataset(cfg.data_dir, "train", image_size=size, seed=cfg.seed)
     test_set = tdata.ImageFolderDataset(cfg.data_dir, "val", image_size=size)
     if train_set.classes != test_set.classes:
         raise tdata.DatasetFormatError(f"{cfg.data_dir}: train/ and val/ hold different class folders")
