@@ -108,6 +108,23 @@ def test_bad_checkpoints_and_existing_run_dir(capsys, tmp_path):
     assert last.read_bytes() == before
 
 
+def test_resume_from_another_run_into_a_run_dir(capsys, tmp_path):
+    """--resume PATH of another run used to overwrite the out-dir's run; now one line, exit 2, nothing touched."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli(capsys, "train", *TINY, "--out-dir", str(first))[0] == 0
+    assert run_cli(capsys, "train", *TINY, "--out-dir", str(second), "--seed", "1")[0] == 0
+    before = {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()}
+    code, _, err = run_cli(capsys, "train", *TINY, "--out-dir", str(second), "--resume", str(first / "last.pt"),
+                           "--max-steps", "3")  # fmt: skip
+    assert_user_error(code, err, f"--out-dir {second} already holds last.pt", str(first / "last.pt"), "--overwrite")
+    code, _, err = run_cli(capsys, "train", *TINY, "--out-dir", str(second), "--resume", str(tmp_path / "gone.pt"))
+    assert_user_error(code, err, f"checkpoint {tmp_path / 'gone.pt'} does not exist")
+    assert {p.name: p.read_bytes() for p in second.iterdir() if p.is_file()} == before
+    code, _, _ = run_cli(capsys, "train", *TINY, "--out-dir", str(second), "--resume", str(second / "last.pt"),
+                         "--max-steps", "3")  # fmt: skip
+    assert code == 0 and torch.load(second / "last.pt", weights_only=True)["step"] == 3
+
+
 def test_unknown_yaml_key(capsys, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("epochs: 1\nbatchsize: 4\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -19,35 +18,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from .atomic import atomic_write
 from .errors import CheckpointError
 
-__all__ = ["FORMAT", "atomic_save", "capture_rng", "load_checkpoint", "restore_model", "restore_rng"]
+__all__ = ["FORMAT", "REQUIRED_KEYS", "atomic_save", "capture_rng", "load_checkpoint", "restore_model", "restore_rng"]
 
 FORMAT = "torchws-train-1"
+REQUIRED_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "batch_in_epoch", "step", "best_acc", "history")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file next to ``path``, fsync it, then ``os.replace``: a crash at any point leaves
     either the old file or the new one, never a partial file under ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not possible on every platform
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def capture_rng() -> dict[str, Any]:
@@ -80,16 +63,22 @@ def _first_line(error: BaseException) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a training checkpoint (CPU tensors). Raises CheckpointError if missing, truncated or not ours."""
+    """Read a training checkpoint (CPU tensors). Raises CheckpointError if missing, truncated, incomplete or not
+    ours."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a file; pass a .pt file such as <out-dir>/last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a torchws training checkpoint (no format '{FORMAT}')")
+    missing = [key for key in REQUIRED_KEYS if key not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
     return ckpt
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
 from .errors import ConfigError
 
 __all__ = ["TrainConfig", "add_config_flags", "config_from_args", "load_yaml", "parse_config", "save_config"]
@@ -190,14 +191,14 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML (as JSON, which is valid YAML, when pyyaml is missing)."""
+    """Write the resolved config as YAML (as JSON, which is valid YAML, when pyyaml is missing), atomically."""
     try:
         import yaml
 
         text = yaml.safe_dump(config.to_dict(), sort_keys=False)
     except ImportError:
         text = json.dumps(config.to_dict(), indent=2) + "\n"
-    Path(path).write_text(text)
+    atomic_write_text(path, text)
 
 
 def _parse_optional(inner: Any) -> Any:

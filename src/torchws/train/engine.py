@@ -4,7 +4,9 @@
 holds ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``curves.png``, ``last.pt`` (each epoch, and when
 ``max_steps`` stops a run mid-epoch) and ``best.pt`` (best test accuracy). ``resume`` continues bit-for-bit in
 deterministic mode: the loaders are functions of (seed, epoch), so restoring the epoch, the optimizer steps done in
-it, the weights, optimizer, schedule and RNG states is all it takes.
+it, the weights, optimizer, schedule and RNG states is all it takes. A run that does not continue the dir's own
+``last.pt`` refuses a dir holding another run's results unless ``overwrite`` (then it removes them); files are
+replaced atomically (``atomic.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torchws.data import TensorSplits
 from torchws.layers import WSMixin
 
 from . import checkpoint as ckpt
+from .atomic import atomic_write_text
 from .config import TrainConfig, save_config
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
 from .errors import CheckpointError, ConfigError, RunDirError
@@ -94,21 +97,37 @@ def _seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def _resume_path(cfg: TrainConfig, run_dir: Path) -> Path | None:
-    """The checkpoint to resume from (None: fresh run), refusing to clobber an existing run's checkpoints."""
+# the files that hold a run's results; config.yaml and an empty metrics.jsonl alone are what a run that failed before
+# its first record leaves (e.g. out of memory at the first step), and a new run may replace them
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "summary.json", "curves.png")
+STALE_ON_OVERWRITE = ("last.pt", "best.pt", "summary.json", "curves.png")  # the rest is rewritten at the start
+
+
+def _resume_source(cfg: TrainConfig, run_dir: Path) -> Path | None:
+    """The checkpoint named by ``--resume`` (None: a fresh run; ``auto`` without ``last.pt`` is one too)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--out-dir {run_dir} is not a directory; pass a directory (new or holding a run)")
     if cfg.resume == "auto":
         last = run_dir / "last.pt"
-        if last.exists():
-            return last
-    elif cfg.resume is not None:
-        return Path(cfg.resume)
-    existing = [p.name for p in (run_dir / "last.pt", run_dir / "best.pt") if p.exists()]
-    if existing and not cfg.overwrite:
-        raise RunDirError(f"--out-dir {run_dir} already holds {', '.join(existing)}; pass --resume auto to continue "
-                          "that run, --overwrite to replace it, or another --out-dir")  # fmt: skip
-    return None
+        return last if last.exists() else None
+    return None if cfg.resume is None else Path(cfg.resume)
+
+
+def _continues_run(cfg: TrainConfig, run_dir: Path, source: Path | None) -> bool:
+    """True when ``source`` is ``run_dir``'s own last.pt (the run goes on). Otherwise this is a new run in
+    ``run_dir``: refuse, unless ``--overwrite``, when the dir already holds files of a run."""
+    last = run_dir / "last.pt"
+    if source is not None and last.exists() and os.path.samefile(source, last):
+        return True
+    existing = [name for name in RUN_FILES if (run_dir / name).exists() and (run_dir / name).stat().st_size > 0]
+    if not existing or cfg.overwrite:
+        return False
+    held = f"--out-dir {run_dir} already holds {', '.join(existing)}"
+    if source is not None:
+        raise RunDirError(f"{held} of a run that --resume {source} would overwrite; continue that run with --resume "
+                          "auto, pass --overwrite to replace it, or choose another --out-dir")  # fmt: skip
+    resume = "pass --resume auto to continue that run, " if "last.pt" in existing else ""
+    raise RunDirError(f"{held}; {resume}pass --overwrite to replace it, or choose another --out-dir")
 
 
 def _check_ws_backend(backend: str, model: nn.Module, device: torch.device) -> None:
@@ -130,8 +149,10 @@ class Trainer:
         self.cfg, self.info, self.device = cfg, info, device
         self.echo = echo and info.is_main
         self.run_dir = Path(cfg.out_dir)
-        resume = _resume_path(cfg, self.run_dir)
+        resume = _resume_source(cfg, self.run_dir)
         state = ckpt.load_checkpoint(resume) if resume is not None else None
+        self.resume_source = resume
+        self.continues = _continues_run(cfg, self.run_dir, resume)
         _seed_everything(cfg.seed, cfg.deterministic)
         self.inputs: Inputs = build_inputs(cfg, info, device, splits)
         self.model = build_model(cfg, self.inputs.num_classes, self.inputs.channels).to(device)
@@ -198,9 +219,11 @@ class Trainer:
         logger = None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not self.continues:
+                self._remove_stale_files()
             save_config(cfg, self.run_dir / "config.yaml")
-            resumed = self.step if cfg.resume is not None and (self.step or self.epoch) else None
-            logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard, truncate_after_step=resumed)
+            logger = MetricsLogger(self.run_dir, tensorboard=cfg.tensorboard,
+                                   truncate_after_step=self.step if self.continues else None)  # fmt: skip
         self._print(f"training {cfg.model} on {self.inputs.train_images} {cfg.dataset} images: {self.info.world_size}"
                     f" process(es) x {cfg.batch_size} x {cfg.accum_steps} accum = {self.total_batch} per step, "
                     f"peak lr {self.schedule.peak_lr:.4g}, {self.total_steps} steps")  # fmt: skip
@@ -220,6 +243,14 @@ class Trainer:
             if logger is not None:
                 logger.close()
         return self._finish(train_time, train_images)
+
+    def _remove_stale_files(self) -> None:
+        """A new run in a dir that held another one (--overwrite): drop that run's checkpoints and results, so none
+        is mistaken for this run's (best.pt is only rewritten on a new best; --resume auto would pick up last.pt)."""
+        for name in STALE_ON_OVERWRITE:
+            path = self.run_dir / name
+            if path.exists() and not (self.resume_source is not None and os.path.samefile(path, self.resume_source)):
+                path.unlink()
 
     def _train_epoch(self, logger: MetricsLogger | None) -> tuple[dict[str, Any], float]:
         cfg, loader = self.cfg, self.inputs.train
@@ -276,9 +307,9 @@ class Trainer:
             logger.log("epoch", **record)
         if self.cfg.save_checkpoints:
             state = self._state()
-            ckpt.atomic_save(state, self.run_dir / "last.pt")
-            if is_best:
+            if is_best:  # before last.pt: a kill in between must not leave a best_acc whose model is nowhere
                 ckpt.atomic_save(state, self.run_dir / "best.pt")
+            ckpt.atomic_save(state, self.run_dir / "last.pt")
 
     def _finish(self, train_time: float, train_images: int) -> dict[str, Any]:
         final = next((r for r in reversed(self.history) if "test_acc" in r), {})
@@ -290,7 +321,7 @@ class Trainer:
                    "images_per_s": train_images / train_time if train_time > 0 else None,
                    "run_dir": str(self.run_dir), "history": self.history}  # fmt: skip
         if self.info.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
             if self.cfg.plot:
                 plot_curves({self.cfg.model: self.history}, self.run_dir / "curves.png", title=self.cfg.model)
             columns = ["epoch", "step", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_s"]

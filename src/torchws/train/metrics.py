@@ -8,6 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_text
+
 __all__ = ["MetricsLogger", "format_table", "read_metrics"]
 
 
@@ -15,18 +17,18 @@ class MetricsLogger:
     """Append records to ``<run_dir>/metrics.jsonl``; mirror numbers to TensorBoard when asked and installed.
 
     Only rank 0 should create one. ``truncate_after_step``: on resume, drop records of steps past the checkpoint so
-    the file reads as one uninterrupted run.
+    the file reads as one uninterrupted run (rewritten atomically; a half-written last line left by a kill is dropped,
+    any other line the trainer cannot parse is kept as it is). None: start an empty file.
     """
 
     def __init__(
         self, run_dir: str | os.PathLike, *, tensorboard: bool = False, truncate_after_step: int | None = None
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
-        if truncate_after_step is not None and self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        elif truncate_after_step is None:
+        if truncate_after_step is None:
             self.path.write_text("")
+        elif self.path.exists():
+            atomic_write_text(self.path, "".join(_lines_up_to_step(self.path, truncate_after_step)))
         self._file = open(self.path, "a")  # noqa: SIM115 (closed in close())
         self._tb = None
         if tensorboard:
@@ -53,9 +55,44 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _lines_up_to_step(path: Path, step: int) -> list[str]:
+    """The lines of ``path`` to keep on resume at ``step``, each ending in a newline."""
+    lines = path.read_text().splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n") and _parse(lines[-1]) is None:
+        lines.pop()  # torn by a kill mid-write: a record of a step after the checkpoint
+    kept = []
+    for line in lines:
+        record = _parse(line)
+        if record is None or record.get("step", 0) <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    return kept
+
+
 def read_metrics(path: str | os.PathLike, kind: str | None = None) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl (only those of ``kind`` if given)."""
-    records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """All records of a metrics.jsonl (only those of ``kind`` if given).
+
+    A half-written last line (a run killed, or still writing) is skipped; any other line that is not a JSON record
+    raises ValueError naming ``path:line``.
+    """
+    lines = Path(path).read_text().splitlines(keepends=True)
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        record = _parse(line)
+        if record is None:
+            if number == len(lines) and not line.endswith("\n"):
+                break
+            raise ValueError(f"{path}:{number}: not a JSON record: {line.strip()[:80]!r}")
+        records.append(record)
     return [r for r in records if kind is None or r.get("kind") == kind]
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write
 
 __all__ = ["plot_curves"]
 
@@ -32,7 +35,7 @@ def plot_curves(
     """Plot train loss, test loss and test accuracy (three panels) of each run against ``x``.
 
     runs: label -> evaluation records (dicts holding ``x`` and any of train_loss, test_loss, test_acc).
-    Returns True when the PNG was written.
+    Returns True when the PNG was written (atomically: a crash leaves the previous file).
     """
     plt = _pyplot()
     if plt is None:
@@ -53,6 +56,9 @@ def plot_curves(
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    image_format = Path(path).suffix.lstrip(".") or "png"
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=image_format, dpi=110))
+    finally:
+        plt.close(fig)
     return True
