@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 from pathlib import Path
 
@@ -149,6 +148,7 @@ def test_metrics_keep_a_damaged_record_that_is_not_the_last(tmp_path):
 def _in_child_with_file_size_limit(limit: int, function) -> int:
     """Run ``function`` in a forked child whose writes past ``limit`` bytes per file fail (EFBIG), like a full
     disk part-way through a write; returns the child's exit code (0: no exception, 1: an exception)."""
+    resource = pytest.importorskip("resource")  # POSIX only, like os.fork
     pid = os.fork()
     if pid == 0:  # pragma: no cover (child)
         code = 1
