@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,triton,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,triton,cpu,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -6,6 +6,8 @@ Variants (all built from the same plain-conv GroupNorm network, same weights):
     timm            timm-style WS conv (``F.batch_norm`` on the weight)
     torchws         torchws ``WSConv2d``, per-layer path
     batched         torchws with ``enable_batched_ws(backend="torch")``
+    batched_numba   torchws with ``enable_batched_ws(backend="numba")``: the CPU multi-tensor kernels (CPU only; what
+                    ``auto`` picks on a CPU when numba is installed)
     batched_triton  torchws with ``enable_batched_ws(backend="triton")`` (CUDA only)
     batched_graph   torchws with ``enable_batched_ws(backend="cuda_graph")``: the torch pass replayed from CUDA graphs
                     (CUDA only)
@@ -70,6 +72,11 @@ def make_variant(kind: str, base: nn.Module) -> nn.Module | str:
         return m
     if kind == "batched":
         enable_batched_ws(m, backend="torch")
+        return m
+    if kind == "batched_numba":
+        if next(m.parameters()).device.type != "cpu" or not _numba_available():
+            return "numba kernels need a CPU device and numba"
+        enable_batched_ws(m, backend="numba")
         return m
     if kind == "batched_triton":
         if not _kernel_available(next(m.parameters()).device):
@@ -250,6 +257,12 @@ def _in_order(by_layer: dict, layers: list) -> list[torch.Tensor]:
     return [by_layer[m] for m in layers]
 
 
+def _numba_available() -> bool:
+    from torchws.kernels import cpu_ws
+
+    return cpu_ws.is_available()
+
+
 def _kernel_available(device: torch.device) -> bool:
     """Triton path on this device (CUDA, or the CPU interpreter under TRITON_INTERPRET=1, for smoke tests)."""
     try:
@@ -272,6 +285,13 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
         "torchws_per_layer": lambda: [m.compute_standardized_weight() for m in layers],
         "batched_torch": lambda: _in_order(handle.standardize(), layers),
     }
+    if device.type == "cpu" and _numba_available():
+        nb = BatchedWS(copy.deepcopy(model), backend="numba")
+        nb_layers = [m for m in nb.model.modules() if isinstance(m, WSMixin)]
+        for m, src in zip(nb_layers, layers):
+            m.weight = src.weight
+        nb.refresh()
+        cases["batched_numba"] = lambda: _in_order(nb.standardize(), nb_layers)
     if _kernel_available(device):
         tri = BatchedWS(copy.deepcopy(model), backend="triton")
         tri_layers = [m for m in tri.model.modules() if isinstance(m, WSMixin)]
@@ -401,7 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "cuda: resnet50)")  # fmt: skip
     p.add_argument("--batches", default="1,2,32")
     p.add_argument("--precisions", default=None, help="fp32,bf16_cl (default cpu: fp32; cuda: both)")
-    p.add_argument("--variants", default="gn,authors,timm,torchws,batched,batched_triton,batched_graph,folded")
+    p.add_argument("--variants",
+                   default="gn,authors,timm,torchws,batched,batched_numba,batched_triton,batched_graph,folded")
     p.add_argument("--reps", type=int, default=None, help="max interleaved rounds per config (default 60 cpu/30 cuda)")
     p.add_argument("--op-reps", type=int, default=None, help="rounds for (a) (default 20 cpu/50 cuda)")
     p.add_argument("--budget-s", type=float, default=None, help="time cap per config; lowers rounds (default 40)")
@@ -419,8 +440,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.models = (a.models or ("resnet50" if cuda else "cifar_resnet20,cifar_resnet18")).split(",")
     a.precisions = (a.precisions or ("fp32,bf16_cl" if cuda else "fp32")).split(",")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"  # CPU smoke test of the triton path
-    a.variants = [v for v in a.variants.split(",") if cuda or (interpret and v != "batched_graph")
-                  or v not in ("batched_triton", "batched_graph")]  # fmt: skip
+    gpu_only = ("batched_triton", "batched_graph") if not interpret else ("batched_graph",)
+    a.variants = [v for v in a.variants.split(",") if v not in (("batched_numba",) if cuda else gpu_only)]
     a.batches = [int(b) for b in a.batches.split(",")]
     a.reps = a.reps or (30 if cuda else 60)
     a.op_reps = a.op_reps or (50 if cuda else 20)

@@ -275,7 +275,9 @@ def test_features_only_small_and_matches_classifier_trunk():
         outs = feat(x)
         trunk = full.layer3(full.layer2(full.layer1(full.relu(full.bn1(full.conv1(x))))))
     assert [tuple(o.shape) for o in outs] == [(2, 16, 28, 28), (2, 32, 14, 14), (2, 64, 7, 7)]
-    assert torch.equal(outs[-1], trunk)
+    # the root's forward standardizes through the batched pass (on CPU the numba kernels when installed), the
+    # layers called one by one through torch's layer_norm: equal to fp32 rounding
+    torch.testing.assert_close(outs[-1], trunk, rtol=1e-4, atol=1e-4)
     assert [f.reduction for f in meta_model("cifar_resnet18_bn", features_only=True,
                                             out_indices=(0, 1, 2, 3, 4)).feature_info] == [1, 1, 2, 4, 8]
 

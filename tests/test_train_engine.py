@@ -213,7 +213,7 @@ def test_imagefolder_bf16_channels_last(tmp_path):
                        model="resnet18_gn_ws"), echo=False)  # fmt: skip
 
 
-@pytest.mark.parametrize("backend,expected", [("off", None), ("auto", "auto"), ("torch", "torch")])
+@pytest.mark.parametrize("backend,expected", [("off", None), ("auto", "auto"), ("torch", "torch"), ("numba", "numba")])
 def test_ws_backend_option_selects_the_model_level_pass(backend, expected):
     from torchws.batched import find_handle
     from torchws.train.config import TrainConfig
@@ -229,6 +229,15 @@ def test_triton_backend_without_the_kernel_is_a_config_error(tmp_path, monkeypat
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # no interpreter: no Triton kernel on the CPU
     with pytest.raises(ConfigError, match="--ws-backend triton"):
         train(tiny_cfg(tmp_path, ws_backend="triton", max_steps=1), splits=tiny_splits(), echo=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_numba_backend_without_numba_is_a_config_error(tmp_path, monkeypatch):
+    from torchws.kernels import cpu_ws
+
+    monkeypatch.setattr(cpu_ws, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="--ws-backend numba: .*pip install 'torchws\\[cpu\\]'"):
+        train(tiny_cfg(tmp_path, ws_backend="numba", max_steps=1), splits=tiny_splits(), echo=False)
     assert not (tmp_path / "run").exists()
 
 

@@ -14,7 +14,10 @@ chunks already have the weights' shapes. On the CPU the pass does not concatenat
 of weights in and the gradients back out cost more than the dispatches saved (CIFAR ResNet-20, 1 thread: WS fwd+bwd
 1.58 ms grouped vs 0.95 ms per layer in one pass, vs 1.80 ms for the layers' own ``F.batch_norm`` path).
 ``backend="triton"`` sends every layer of one (preset, eps, dtype, device) to one multi-tensor kernel launch
-(:mod:`torchws.kernels`).
+(:mod:`torchws.kernels`). ``backend="numba"`` does the same on the CPU with compiled multi-tensor kernels
+(:mod:`torchws.kernels.cpu_ws`: each weight read where it lies through a table of pointers, one call forward and one
+backward); ``"auto"`` picks it for CPU weights when numba is installed. Layers it cannot take (gain, shift,
+transposed, no dense rows) run the torch path in the same pass.
 
 Numerics: the same formulas as :func:`~torchws.functional.standardize_rows`; population variance with eps inside
 the root runs as ``F.layer_norm`` (2-3x faster than ``F.batch_norm`` on the CPU). Without concatenation every layer
@@ -59,7 +62,7 @@ __all__ = [
     "find_handle",
 ]
 
-BACKENDS = ("auto", "torch", "triton", "cuda_graph")
+BACKENDS = ("auto", "torch", "numba", "triton", "cuda_graph")
 ENV_DISABLE = "TORCHWS_BATCHED"  # "0" turns auto_enable off
 
 
@@ -195,12 +198,67 @@ def _standardize_groups_triton(groups: Sequence[_Group], kernel) -> dict[WSMixin
     return out
 
 
-def _resolve_backend(backend: str) -> str:
-    """"auto" is the torch path: on an H200 it beat the Triton multi-tensor kernel in every measured configuration
-    (host cost of the launch and packing; benchmarks/RESULTS.md). Under torch.compile the compiler fuses torch ops."""
-    if backend == "triton" and not torch.compiler.is_compiling():
-        return "triton"
-    return "torch"
+# --- numba backend (CPU) ----------------------------------------------------------------------------------------
+def _cpu_kernels():
+    """torchws.kernels.cpu_ws if numba is installed, else None."""
+    from torchws.kernels import cpu_ws
+
+    return cpu_ws if cpu_ws.is_available() else None
+
+
+def _numba_kernels():
+    kernel = _cpu_kernels()
+    if kernel is None:
+        raise RuntimeError("batched WS: backend='numba' needs numba: pip install 'torchws[cpu]', or use 'auto'")
+    return kernel
+
+
+@dataclass(eq=False)
+class _NumbaPlan:
+    """What the CPU kernels compute: one launch (layers, their weights, the kernel's spec) per (preset, eps, dtype),
+    and the groups left to the torch path (gains, shifts, transposed convs, layouts without dense rows)."""
+
+    launches: list[tuple[tuple[WSMixin, ...], tuple[Tensor, ...], tuple]]
+    rest: list[_Group]
+
+
+def _numba_plan(groups: Sequence[_Group], kernel) -> _NumbaPlan:
+    buckets: dict[tuple, list[WSMixin]] = {}
+    rest = []
+    for g in groups:
+        for m in g.layers:
+            if g.gain or g.shift or m.ws_transposed or not kernel.qualifies(m.weight):
+                rest.append(m)
+            else:
+                buckets.setdefault((g.preset, g.eps, m.weight.dtype), []).append(m)
+    launches = []
+    for (preset, eps, _), layers in buckets.items():
+        weights = tuple(m.weight for m in layers)
+        launches.append((tuple(layers), weights, kernel.make_spec(weights, preset.eps_placement, eps, preset.variance)))
+    return _NumbaPlan(launches, _make_groups(rest))
+
+
+def _run_numba_plan(plan: _NumbaPlan, kernel, concat: bool | None) -> dict[WSMixin, Tensor]:
+    out: dict[WSMixin, Tensor] = {}
+    for layers, weights, spec in plan.launches:
+        out.update(zip(layers, kernel.apply_spec(spec, weights)))
+    for g in plan.rest:
+        cat = g.layers[0].weight.device.type != "cpu" if concat is None else concat
+        out.update(zip(g.layers, _standardize_group_torch(g, cat)))
+    return out
+
+
+def _resolve_backend(backend: str, groups: Sequence[_Group] = ()) -> str:
+    """What runs: "triton" and "numba" as asked (torch while torch.compile traces: the compiler fuses torch ops);
+    "auto" is "numba" for CPU weights when numba is installed (CIFAR ResNet-20, 2 threads: WS forward + backward
+    ~0.45 ms against ~0.75 ms for torch's layer_norm, benchmarks/RESULTS.md), else "torch": on an H200 the torch
+    pass beat the Triton multi-tensor kernel in every measured configuration (host cost of launch and packing)."""
+    if torch.compiler.is_compiling():
+        return "torch"
+    if backend == "auto":
+        on_cpu = bool(groups) and groups[0].layers[0].weight.device.type == "cpu"
+        return "numba" if on_cpu and _cpu_kernels() is not None else "torch"
+    return backend if backend in ("triton", "numba") else "torch"
 
 
 def batched_standardize(
@@ -210,14 +268,19 @@ def batched_standardize(
 
     ``concat`` (torch backend): concatenate each group (None: on every device but the CPU). ``"cuda_graph"`` is a
     property of a :class:`BatchedWS` handle (its graphs replay this function's torch path); here it means "torch".
+    ``"numba"`` computes what the CPU kernels take and leaves the rest (gains, shifts, transposed convs, other
+    devices) to the torch path.
     """
     out: dict[WSMixin, Tensor] = {}
-    if _resolve_backend(backend) == "triton":
+    resolved = _resolve_backend(backend, groups)
+    if resolved == "triton":
         kernel = _triton_module()
         if kernel is None:
             raise RuntimeError("batched WS: backend='triton' needs torchws.kernels (and triton); use backend='auto'")
         out.update(_standardize_groups_triton(groups, kernel))
         return out
+    if resolved == "numba":
+        return _run_numba_plan(_numba_plan(groups, _numba_kernels()), _numba_kernels(), concat)
     for g in groups:
         cat = g.layers[0].weight.device.type != "cpu" if concat is None else concat
         out.update(zip(g.layers, _standardize_group_torch(g, cat)))
@@ -237,6 +300,9 @@ def _parameters_swapped(layers: Sequence[WSMixin], tensors: Sequence[Tensor]):
     finally:
         for (m, name), t in zip(slots, saved):
             m._parameters[name] = t
+
+
+_supply = object.__setattr__
 
 
 # --- the handle ---------------------------------------------------------------------------------------------------
@@ -272,6 +338,7 @@ class BatchedWS:
         self._weights = tuple(m.weight for m in self._layers)
         self._signature = tuple(_layer_signature(m) for m in self._layers)
         self._groups = _make_groups(self._layers)
+        self._numba: _NumbaPlan | None = None  # the CPU kernels' launches, built on first use
 
     @property
     def layers(self) -> tuple[WSMixin, ...]:
@@ -295,6 +362,11 @@ class BatchedWS:
             if graphed is not None:
                 return graphed
             return batched_standardize(self._groups, "torch", self.concat)
+        if _resolve_backend(self.backend, self._groups) == "numba":
+            kernel = _numba_kernels()
+            if self._numba is None:
+                self._numba = _numba_plan(self._groups, kernel)
+            return _run_numba_plan(self._numba, kernel, self.concat)
         return batched_standardize(self._groups, self.backend, self.concat)
 
     def _graph_inputs(self) -> list[Tensor]:
@@ -330,19 +402,22 @@ class BatchedWS:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_graph"] = None  # CUDA graphs are neither copyable nor picklable: a copy captures its own
+        state["_numba"] = None  # holds the weights: a copy must plan with its own
         return state
 
+    # the hooks run every step: they set the layers' supplied weight directly (what set_standardized_weight does,
+    # without its shape check: these weights were computed from the layers' own)
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.paused:
             return
         for layer, w in self.standardize().items():
-            layer.set_standardized_weight(w)
+            _supply(layer, "_ws_supplied", w)
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         if self.paused:
             return
         for layer in self._layers:
-            layer.set_standardized_weight(None)
+            _supply(layer, "_ws_supplied", None)
 
     def remove(self) -> None:
         """Unregister the hooks; every layer computes its weight per layer again."""

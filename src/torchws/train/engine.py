@@ -131,8 +131,18 @@ def _continues_run(cfg: TrainConfig, run_dir: Path, source: Path | None) -> bool
 
 
 def _check_ws_backend(backend: str, model: nn.Module, device: torch.device) -> None:
-    """The Triton pass fails only at the first forward, mid-run; refuse it up front where its kernel cannot run."""
-    if backend != "triton" or not any(isinstance(m, WSMixin) for m in model.modules()):
+    """The Triton and numba passes fail only at the first forward, mid-run; refuse them up front where their kernels
+    cannot run."""
+    if backend not in ("triton", "numba") or not any(isinstance(m, WSMixin) for m in model.modules()):
+        return
+    if backend == "numba":
+        from torchws.kernels import cpu_ws
+
+        if device.type != "cpu" or not cpu_ws.is_available():
+            raise ConfigError(
+                f"--ws-backend numba: the numba kernels run on the CPU with numba installed "
+                f"(pip install 'torchws[cpu]'), not on {device}; use --ws-backend auto or torch"
+            )
         return
     from torchws.kernels import is_available
 

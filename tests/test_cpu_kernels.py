@@ -1,0 +1,185 @@
+"""torchws.kernels.cpu_ws (numba multi-tensor WS kernels) against the per-layer torch formulas, and the batched
+pass's "numba" backend (what ``auto`` runs on a CPU) against the per-layer path."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from torchws.batched import BACKENDS, _resolve_backend, enable_batched_ws, find_handle
+from torchws.functional import standardize_rows, weight_to_rows
+from torchws.kernels import cpu_ws
+from torchws.layers.ws import WSConv2d, WSMixin
+from torchws.models import create_model
+from torchws.presets import PRESETS
+
+pytestmark = pytest.mark.skipif(not cpu_ws.is_available(), reason="needs numba")
+
+PRESET_NAMES = sorted(PRESETS)
+
+
+def _weights(dtype, seed=0):
+    """A conv weight, a channels_last conv weight, a linear weight and a 3-D conv weight (Conv1d)."""
+    g = torch.Generator().manual_seed(seed)
+    ws = [
+        torch.randn(8, 3, 3, 3, generator=g, dtype=dtype),
+        torch.randn(6, 5, 3, 3, generator=g, dtype=dtype).to(memory_format=torch.channels_last),
+        torch.randn(16, 40, generator=g, dtype=dtype) * 3 + 0.5,
+        torch.randn(4, 2, 5, generator=g, dtype=dtype),
+    ]
+    return [w.requires_grad_() for w in ws]
+
+
+def _reference(ws, preset):
+    """The per-layer formula (torchws.functional.standardize_rows) on each weight's rows, back in its layout."""
+    out = []
+    for w in ws:
+        rows = standardize_rows(weight_to_rows(w), preset=preset)
+        out.append(rows.reshape(w.shape) if w.is_contiguous() else rows.reshape(6, 3, 3, 5).permute(0, 3, 1, 2))
+    return out
+
+
+def _run(preset, ws):
+    p = PRESETS[preset]
+    return cpu_ws.multi_standardize(ws, mode=p.eps_placement, eps=p.eps, variance=p.variance)
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_forward_and_backward_match_the_per_layer_formula(preset, dtype, tol):
+    ws = _weights(dtype)
+    ys, refs = _run(preset, ws), _reference(ws, preset)
+    for y, ref, w in zip(ys, refs, ws):
+        assert y.shape == w.shape and y.stride() == w.stride() and y.dtype == dtype  # same layout: no copies
+        torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+    ups = [torch.randn_like(y) for y in ys]
+    got = torch.autograd.grad(ys, ws, ups)
+    expected = torch.autograd.grad(refs, ws, ups)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=tol * 10, atol=tol * 10)
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_gradcheck(preset):
+    ws = [w.detach()[:, :2].clone().requires_grad_() if w.dim() == 4 else w for w in _weights(torch.float64)]
+    ws = [w for w in ws if w.is_contiguous()]
+    assert torch.autograd.gradcheck(lambda *t: _run(preset, list(t)), ws)
+
+
+def test_gradient_for_grads_in_another_layout():
+    # the kernel walks g in y's element order: a channels_last weight's grad arriving contiguous must be re-laid
+    (w,) = [_weights(torch.float64)[1]]
+    (y,) = _run("paper", [w])
+    up = torch.randn(y.shape, dtype=torch.float64)  # contiguous, y is channels_last
+    (got,) = torch.autograd.grad([y], [w], [up])
+    (expected,) = torch.autograd.grad(_reference([w], "paper"), [w], [up])
+    torch.testing.assert_close(got, expected)
+
+
+def test_constant_filters_follow_each_preset():
+    w = torch.ones(3, 9, dtype=torch.float64, requires_grad=True)
+    for preset in PRESET_NAMES:
+        (y,) = _run(preset, [w])
+        assert torch.equal(y, torch.zeros_like(y))
+        (g,) = torch.autograd.grad([y], [w], [torch.randn_like(y)])
+        (g_ref,) = torch.autograd.grad(_reference([w], preset), [w], [torch.randn_like(y)])
+        # 'official' (std + eps outside the root) has an infinite derivative at std 0: NaN, as per layer
+        assert torch.isnan(g).any() == torch.isnan(g_ref).any() == (not PRESETS[preset].safe), preset
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 9), st.integers(2, 70)), min_size=1, max_size=5),
+    scale=st.floats(1e-3, 1e3),
+    shift=st.floats(-10, 10),
+)
+def test_rows_come_out_standardized(shapes, scale, shift):
+    g = torch.Generator().manual_seed(len(shapes))
+    ws = [torch.randn(o, n, generator=g, dtype=torch.float64) * scale + shift for o, n in shapes]
+    eps = PRESETS["bit"].eps
+    for w, y in zip(ws, _run("bit", ws)):  # mean 0 and population variance v / (v + eps), v the row's variance
+        v = w.var(1, correction=0)
+        torch.testing.assert_close(y.mean(1), torch.zeros(w.shape[0], dtype=w.dtype), rtol=0, atol=1e-9)
+        torch.testing.assert_close(y.var(1, correction=0), v / (v + eps), rtol=1e-9, atol=0)
+
+
+def test_rejects_what_it_cannot_read():
+    w = torch.randn(4, 9)
+    with pytest.raises(ValueError, match="weight 1 .*not a dense-row"):
+        cpu_ws.multi_standardize([w, w.t()], mode="inside_sqrt", eps=1e-5)
+    with pytest.raises(ValueError, match="weight 1 is torch.float64, weight 0 is torch.float32"):
+        cpu_ws.multi_standardize([w, w.double()], mode="inside_sqrt", eps=1e-5)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        cpu_ws.multi_standardize([w], mode="outside", eps=1e-5)
+    with pytest.raises(ValueError, match="variance must be"):
+        cpu_ws.multi_standardize([w], mode="inside_sqrt", eps=1e-5, variance="sample")
+    with pytest.raises(ValueError, match="weight 0 .*not a dense-row"):
+        cpu_ws.multi_standardize([torch.randn(4, 1)], mode="inside_sqrt", eps=1e-5)
+    assert cpu_ws.multi_standardize([], mode="inside_sqrt", eps=1e-5) == []
+
+
+# --- the batched pass's numba backend -----------------------------------------------------------------------------
+def _mixed_pair(seed=0):
+    from test_batched import Mixed  # every kind of WS layer: gains, shift, transposed, presets
+
+    torch.manual_seed(seed)
+    ref = Mixed()
+    return ref, copy.deepcopy(ref)
+
+
+def _step(model, x):
+    model.zero_grad(set_to_none=True)
+    y = model(x)
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    return y.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_numba_backend_matches_per_layer(channels_last):
+    ref, model = _mixed_pair()
+    if channels_last:
+        ref, model = ref.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
+    handle = enable_batched_ws(model, backend="numba")
+    x = torch.randn(2, 3, 8, 8)
+    (ya, ga), (yb, gb) = _step(model, x), _step(ref, x)
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    for n in gb:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"grad of {n}: {m}")
+    # the kernels took the layers without gain/shift whose rows are dense; the rest ran the torch path
+    # (one launch per preset: paper, official)
+    taken = [{n for n, m in model.named_modules() if m in launch[0]} for launch in handle._numba.launches]
+    assert sorted(taken, key=len) == [{"c4"}, {"c1", "c2b", "c6", "fc_a"}]
+
+
+def test_auto_is_numba_on_cpu_and_torch_without_numba(monkeypatch):
+    assert "numba" in BACKENDS
+    model = create_model("cifar_resnet20_gn_ws")
+    handle = find_handle(model)
+    assert handle.backend == "auto" and _resolve_backend("auto", handle.groups) == "numba"
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    assert handle._numba is not None and len(handle._numba.launches[0][0]) == len(handle.layers)
+    monkeypatch.setattr(cpu_ws, "is_available", lambda: False)
+    assert _resolve_backend("auto", handle.groups) == "torch"
+    with pytest.raises(RuntimeError, match="backend='numba' needs numba"):
+        enable_batched_ws(copy.deepcopy(model), backend="numba").standardize()
+
+
+def test_numba_plan_follows_the_weights():
+    # the plan holds the weights it read: new parameters, a deepcopy, a new layout must not be standardized stale
+    model = create_model("cifar_resnet20_gn_ws")
+    x = torch.randn(1, 3, 32, 32)
+    model(x)
+    conv = model.conv1 if hasattr(model, "conv1") else next(m for m in model.modules() if isinstance(m, WSMixin))
+    conv.weight = torch.nn.Parameter(conv.weight.detach() * 2 + 1)  # a new parameter object
+    out = find_handle(model).standardize()[conv]
+    torch.testing.assert_close(out, _reference([conv.weight], "paper")[0], rtol=2e-6, atol=2e-6)
+    twin = copy.deepcopy(model)
+    twin(x).sum().backward()
+    assert all(p.grad is None for p in model.parameters()) and twin.fc.weight.grad is not None
+    model.to(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    assert all(m.weight.grad is not None for m in model.modules() if isinstance(m, WSConv2d))
