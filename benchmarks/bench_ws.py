@@ -18,7 +18,8 @@ Parts:
         by the measured copy bandwidth);
     (b) whole SGD training steps (zero_grad, forward, cross-entropy, backward, step) per model / batch / precision.
 Variants are interleaved round by round (order rotated each round) and medians reported, because the machines
-are shared and host timings drift. Not a test: it prints a table and writes JSON (``--out``).
+are shared and host timings drift; "paired" is the median over rounds of each round's ratio to GN, the steadier
+figure when the host's speed changes during a run. Not a test: it prints a table and writes JSON (``--out``).
 
     python benchmarks/bench_ws.py --device cpu --out cpu.json            # CIFAR ResNet-20/18 at batch 1, 2, 32
     python benchmarks/bench_ws.py --device cuda --out gpu.json           # ResNet-50, fp32 and bf16+channels_last
@@ -231,6 +232,11 @@ def report_config(model: str, precision: str, batch: int, times: dict[str, list[
                f"q3 {iqr[2] * 1e3:.2f})"
         row = dict(model=model, precision=precision, batch=batch, variant=k, median_ms=ms, ratio_to_gn=ratio,
                    q1_ms=iqr[0] * 1e3, q3_ms=iqr[2] * 1e3, rounds=len(times[k]))  # fmt: skip
+        if base and len(times[k]) == len(times["gn"]):
+            # the median of each round's ratio: robust to the machine's speed drifting between rounds (shared hosts)
+            paired = statistics.median(a / b for a, b in zip(times[k], times["gn"]))
+            line += f"  paired {paired:6.3f}x"
+            row.update(paired_ratio_to_gn=paired)
         if k in cmed:
             cratio = cmed[k] / cbase if cbase else None
             line += f"   cpu {cmed[k]:9.2f} ms {'' if cratio is None else f'{cratio:6.3f}x'}"
