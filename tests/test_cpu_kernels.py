@@ -183,3 +183,43 @@ def test_numba_plan_follows_the_weights():
     model.to(memory_format=torch.channels_last)
     model(x).sum().backward()
     assert all(m.weight.grad is not None for m in model.modules() if isinstance(m, WSConv2d))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_rows_split_over_threads_are_bit_identical(monkeypatch, threads):
+    # large launches are cut between rows (also inside a tensor) over torch.get_num_threads() threads; every row is
+    # computed alone, so the result must not change by a bit
+    ws = _weights(torch.float32, seed=1) + [torch.randn(5, 7, 3, dtype=torch.float32, requires_grad=True)]
+    ups = None
+    results = []
+    for parallel in (False, True):
+        monkeypatch.setattr(cpu_ws, "PARALLEL_MIN_ELEMENTS", 0 if parallel else 1 << 60)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        ys = _run("official", ws)
+        ups = ups or [torch.randn_like(y) for y in ys]
+        results.append((ys, torch.autograd.grad(ys, ws, ups)))
+    spec = cpu_ws.make_spec(ws, "inside_sqrt", 1e-5, "population")
+    parts = spec.parts(threads)
+    assert len(parts) == threads and sum(int(p.rows.sum()) for p in parts) == spec.num_rows
+    for (a, ga), (b, gb) in [results]:
+        assert all(torch.equal(x, y) for x, y in zip(a, b)) and all(torch.equal(x, y) for x, y in zip(ga, gb))
+
+
+def test_large_launch_in_a_forked_child(monkeypatch):
+    # the thread pool of the parent does not exist in a fork (DataLoader workers): the child must make its own
+    import multiprocessing as mp
+
+    monkeypatch.setattr(cpu_ws, "PARALLEL_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    ws = [torch.randn(8, 50)]
+    expected = _run("paper", ws)[0]  # creates the parent's pool
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_standardize_in_child, (ws[0],)).get(timeout=60)
+    assert torch.equal(got, expected)
+
+
+def _standardize_in_child(w):
+    cpu_ws.PARALLEL_MIN_ELEMENTS = 0
+    torch.get_num_threads = lambda: 2
+    return _run("paper", [w])[0]
