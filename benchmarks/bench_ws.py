@@ -181,8 +181,13 @@ def bench_accumulation(args: argparse.Namespace, device: torch.device) -> list[d
     ys = [torch.randint(0, classes, (batch,), device=device) for _ in range(k)]
     base = build_base(name).to(device)
     fns = {}
-    for kind, once in (("gn", False), ("torchws", False), ("batched", False), ("batched+accumulation", True)):
-        fns[kind] = accumulation_step_fn(make_variant(kind.split("+")[0], base), xs, ys, once)
+    kinds = [("gn", False), ("torchws", False), ("batched", False), ("batched_numba", False)]
+    kinds += [("batched+accumulation", True)]  # ws_accumulation's own pass: backend auto (numba on a CPU with numba)
+    for kind, once in kinds:
+        m = make_variant(kind.split("+")[0], base)
+        if isinstance(m, str):
+            continue
+        fns[kind] = accumulation_step_fn(m, xs, ys, once)
     times, cpu, errors = interleaved(fns, args.reps, device, args.budget_s)
     return report_config(name, f"fp32, {k} micro-batches", batch, times, cpu if device.type == "cpu" else None,
                          errors)  # fmt: skip
