@@ -161,9 +161,8 @@ class Spec:
         return self._parts[n]
 
 
-def _launch(kernel, spec: Spec, tensors: Sequence[Sequence[Tensor]], stats: tuple[np.ndarray, ...], *args) -> None:
+def _launch(kernel, spec: Spec, pointers: Sequence[np.ndarray], stats: tuple[np.ndarray, ...], *args) -> None:
     """Run ``kernel(ptrs..., rows, fan_in, *args, *stats, proto)`` over all rows, on several threads if large."""
-    pointers = [_pointers(ts) for ts in tensors]
     n = spec.threads()
     if n == 1:
         kernel(*pointers, spec.rows, spec.fan_in, *args, *stats, spec.proto)
@@ -187,8 +186,9 @@ class _MultiWS(torch.autograd.Function):
     def forward(ctx, spec: Spec, *weights: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ys = [torch.empty_like(w) for w in weights]  # same layout as each weight: rows stay dense
         r, k = np.empty(spec.num_rows), np.empty(spec.num_rows)
-        _launch(_kernels()[0], spec, (weights, ys), (r, k), spec.mode, spec.unbiased, spec.eps)
-        ctx.spec, ctx.r, ctx.k = spec, r, k
+        y_ptrs = _pointers(ys)
+        _launch(_kernels()[0], spec, (_pointers(weights), y_ptrs), (r, k), spec.mode, spec.unbiased, spec.eps)
+        ctx.spec, ctx.r, ctx.k, ctx.y_ptrs = spec, r, k, y_ptrs  # (saved ys keep their storage: same pointers)
         ctx.save_for_backward(*ys)
         return tuple(ys)
 
@@ -199,7 +199,7 @@ class _MultiWS(torch.autograd.Function):
         ys = ctx.saved_tensors
         gs = [g if g.stride() == y.stride() else torch.empty_like(y).copy_(g) for g, y in zip(grads, ys)]
         dxs = [torch.empty_like(y) for y in ys]  # (the kernel walks g's rows in y's element order)
-        _launch(_kernels()[1], ctx.spec, (gs, ys, dxs), (ctx.r, ctx.k))
+        _launch(_kernels()[1], ctx.spec, (_pointers(gs), ctx.y_ptrs, _pointers(dxs)), (ctx.r, ctx.k))
         return (None, *dxs)
 
 
