@@ -12,6 +12,8 @@ Variants (all built from the same plain-conv GroupNorm network, same weights):
     batched_graph   torchws with ``enable_batched_ws(backend="cuda_graph")``: the torch pass replayed from CUDA graphs
                     (CUDA only)
     folded          ``torchws.convert.fold`` of the torchws model (plain convs again)
+    pass_floor      not WS: the batched pass handing the layers fresh *copies* of their weights through one autograd
+                    Function (copy forward, gradients passed through): what any model-level pass costs before its math
 
 Parts:
     (a) WS alone on all conv weights of ResNet-50, forward + backward, beside the memory floor (bytes moved divided
@@ -61,6 +63,18 @@ def build_base(name: str) -> nn.Module:
     return create_model(f"{name}_gn", num_classes=IMAGE[name][3])
 
 
+class _CopyPass(torch.autograd.Function):
+    """Fresh copies of all weights in one node; backward hands the gradients through (the pass_floor variant)."""
+
+    @staticmethod
+    def forward(ctx, *weights: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return tuple(w.clone() for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        return grads
+
+
 def make_variant(kind: str, base: nn.Module) -> nn.Module | str:
     """A deep copy of ``base`` with ``kind``'s convs, or a string saying why the variant is skipped."""
     m = copy.deepcopy(base)
@@ -88,6 +102,10 @@ def make_variant(kind: str, base: nn.Module) -> nn.Module | str:
         if next(m.parameters()).device.type != "cuda":
             return "CUDA graphs need a CUDA device"
         enable_batched_ws(m, backend="cuda_graph")
+        return m
+    if kind == "pass_floor":
+        handle = enable_batched_ws(m, backend="torch")
+        handle.standardize = lambda: dict(zip(handle.layers, _CopyPass.apply(*[w.weight for w in handle.layers])))
         return m
     if kind == "folded":
         try:
