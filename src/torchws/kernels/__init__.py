@@ -1,7 +1,9 @@
 """Fused kernels: Weight Standardization of all weights of a model in one launch (forward) and one (backward).
 
 Triton is optional: this package imports it only when a kernel is used. Check :func:`is_available` first.
-On CPU the kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` (slow; meant for tests).
+On CPU the Triton kernels run in Triton's interpreter when ``TRITON_INTERPRET=1`` (slow; meant for tests). The CPU's
+own multi-tensor kernels (numba, optional too) are :mod:`torchws.kernels.cpu_ws`; CUDA-graph replay of the torch
+pass is :mod:`torchws.kernels.cuda_graph`.
 """
 
 from __future__ import annotations
