@@ -223,3 +223,14 @@ def _standardize_in_child(w):
     cpu_ws.PARALLEL_MIN_ELEMENTS = 0
     torch.get_num_threads = lambda: 2
     return _run("paper", [w])[0]
+
+
+def test_auto_leaves_large_cpu_models_to_torch(monkeypatch):
+    import torchws.batched as batched
+
+    handle = find_handle(create_model("cifar_resnet20_gn_ws"))
+    total = sum(m.weight.numel() for m in handle.layers)
+    assert _resolve_backend("auto", handle.groups) == "numba"
+    monkeypatch.setattr(batched, "AUTO_NUMBA_MAX_ELEMENTS", total - 1)
+    assert _resolve_backend("auto", handle.groups) == "torch"
+    assert _resolve_backend("numba", handle.groups) == "numba"  # asked for explicitly: whatever the size

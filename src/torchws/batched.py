@@ -87,6 +87,7 @@ class _Group:
     natural: bool  # same trailing shape and layout, not transposed: concatenate the weights themselves
     gain: bool
     shift: bool
+    numel: int = 0  # weight elements of the group
 
 
 def batchable(layer: nn.Module) -> bool:
@@ -133,7 +134,8 @@ def _make_groups(layers: Sequence[WSMixin]) -> list[_Group]:
             and layouts[0] != "other"
         )
         sizes = tuple(layer.ws_out_channels for layer in ls)
-        groups.append(_Group(preset, eps, ls, layouts, sizes, natural, gain, shift))
+        numel = sum(layer.weight.numel() for layer in ls)
+        groups.append(_Group(preset, eps, ls, layouts, sizes, natural, gain, shift, numel))
     return groups
 
 
@@ -248,16 +250,25 @@ def _run_numba_plan(plan: _NumbaPlan, kernel, concat: bool | None) -> dict[WSMix
     return out
 
 
+# "auto" runs the numba kernels on a CPU up to this many weight elements; above it torch's layer_norm, which uses
+# torch's own threads. Measured on 2 cores: CIFAR ResNet-20 (270k elements) steps 1.05-1.09x GN with the kernels vs
+# 1.07-1.11x with torch; CIFAR ResNet-18 (11.2M) 1.30x / 1.22x / 1.05x (batch 1 / 2 / 32) vs 1.29x / 1.19x / 1.005x.
+# Where between the two the crossover lies was not measured.
+AUTO_NUMBA_MAX_ELEMENTS = 1 << 21
+
+
 def _resolve_backend(backend: str, groups: Sequence[_Group] = ()) -> str:
     """What runs: "triton" and "numba" as asked (torch while torch.compile traces: the compiler fuses torch ops);
-    "auto" is "numba" for CPU weights when numba is installed (CIFAR ResNet-20, 2 threads: WS forward + backward
-    ~0.45 ms against ~0.75 ms for torch's layer_norm, benchmarks/RESULTS.md), else "torch": on an H200 the torch
-    pass beat the Triton multi-tensor kernel in every measured configuration (host cost of launch and packing)."""
+    "auto" is "numba" for a CPU model of at most :data:`AUTO_NUMBA_MAX_ELEMENTS` WS weight elements when numba is
+    installed (CIFAR ResNet-20, 2 threads: WS forward + backward ~0.45 ms against ~0.75 ms for torch's layer_norm,
+    benchmarks/RESULTS.md), else "torch": on an H200 the torch pass beat the Triton multi-tensor kernel in every
+    measured configuration (host cost of launch and packing)."""
     if torch.compiler.is_compiling():
         return "torch"
     if backend == "auto":
         on_cpu = bool(groups) and groups[0].layers[0].weight.device.type == "cpu"
-        return "numba" if on_cpu and _cpu_kernels() is not None else "torch"
+        small = sum(g.numel for g in groups) <= AUTO_NUMBA_MAX_ELEMENTS
+        return "numba" if on_cpu and small and _cpu_kernels() is not None else "torch"
     return backend if backend in ("triton", "numba") else "torch"
 
 

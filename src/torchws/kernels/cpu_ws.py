@@ -98,9 +98,13 @@ def _pointers(tensors: Sequence[Tensor]) -> np.ndarray:
 
 
 # Launches of at least this many elements are split by rows over torch.get_num_threads() threads (the kernels
-# release the GIL). Below it one thread is faster: handing work to a thread costs ~20-50 us, a ResNet-20's weights
-# (270k elements) take ~65 us forward.
-PARALLEL_MIN_ELEMENTS = 1 << 20
+# release the GIL). Off by default: alone, ResNet-50's weights went from 30.8 to 26.6 ms (2 threads), but inside a
+# training step the extra thread fights torch's own OpenMP threads, still spinning after the last parallel op
+# (CIFAR ResNet-18 step, 2 cores: 1.70x GN split, in a run with other work on the machine, vs 1.30x serial in an
+# earlier run; torch's layer_norm 1.27x and 1.30x in the same two runs). Small launches lose anyway: handing work to a
+# thread costs ~20-50 us, a ResNet-20's weights (270k elements) take ~65 us forward. (batched's "auto" leaves large
+# models to torch's layer_norm instead: torchws.batched.AUTO_NUMBA_MAX_ELEMENTS.)
+PARALLEL_MIN_ELEMENTS = 1 << 62
 _pool: tuple[int, object] | None = None  # (pid, executor): a forked child (DataLoader worker) makes its own
 
 
