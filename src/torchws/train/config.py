@@ -68,9 +68,9 @@ class TrainConfig:
     bf16: bool = _f(False, "bfloat16 autocast for forward and loss")
     channels_last: bool = _f(False, "channels_last memory format for model and inputs")
     ws_accumulate_once: bool = _f(True, "with --accum-steps > 1, standardize the weights once per optimizer step")
-    ws_backend: str = _f("auto", "model-level WS pass: auto (numba on CPU when installed, else torch), torch "
-                         "(grouped torch ops), numba (CPU multi-tensor kernels), cuda_graph (replayed CUDA graphs: "
-                         "fastest at batch 1-2 on a GPU), triton (multi-tensor kernel), off (per layer)",
+    ws_backend: str = _f("auto", "model-level WS pass: auto (numba for small CPU models when installed, else "
+                         "torch), torch (grouped torch ops), numba (CPU multi-tensor kernels), cuda_graph (replayed "
+                         "CUDA graphs: fastest at batch 1-2 on a GPU), triton (multi-tensor kernel), off (per layer)",
                          choices=WS_BACKENDS)
     device: str = _f("auto", "auto: cuda when available (the local rank's GPU), else cpu", choices=DEVICES)
     seed: int = _f(0, "seed for model init, data order and augmentation")
