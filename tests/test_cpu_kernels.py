@@ -234,3 +234,32 @@ def test_auto_leaves_large_cpu_models_to_torch(monkeypatch):
     monkeypatch.setattr(batched, "AUTO_NUMBA_MAX_ELEMENTS", total - 1)
     assert _resolve_backend("auto", handle.groups) == "torch"
     assert _resolve_backend("numba", handle.groups) == "numba"  # asked for explicitly: whatever the size
+
+
+def test_backward_reads_the_saved_outputs():
+    # saved-tensor hooks (activation checkpointing, offloading) hand the backward other tensors than the forward's
+    # outputs, which may be freed or changed by then: the backward must read what saved_tensors gives it
+    (w,) = [_weights(torch.float64)[2]]
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        (y,) = _run("paper", [w])
+    with torch.no_grad():
+        y.zero_()  # the forward's own output, not the saved copy
+    up = torch.randn_like(y)
+    (got,) = torch.autograd.grad([y], [w], [up])
+    (expected,) = torch.autograd.grad(_reference([w], "paper"), [w], [up])
+    torch.testing.assert_close(got, expected)
+
+
+def test_numba_backend_under_activation_checkpointing():
+    from torch.utils.checkpoint import checkpoint
+
+    ref, model = _mixed_pair()
+    enable_batched_ws(model, backend="numba")
+    x = torch.randn(2, 3, 8, 8)
+    model.zero_grad(set_to_none=True)
+    y = checkpoint(model, x, use_reentrant=False)  # the recomputation makes new outputs; the forward's are freed
+    (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    _, expected = _step(ref, x)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"grad of {n}: {m}")

@@ -190,9 +190,8 @@ class _MultiWS(torch.autograd.Function):
     def forward(ctx, spec: Spec, *weights: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ys = [torch.empty_like(w) for w in weights]  # same layout as each weight: rows stay dense
         r, k = np.empty(spec.num_rows), np.empty(spec.num_rows)
-        y_ptrs = _pointers(ys)
-        _launch(_kernels()[0], spec, (_pointers(weights), y_ptrs), (r, k), spec.mode, spec.unbiased, spec.eps)
-        ctx.spec, ctx.r, ctx.k, ctx.y_ptrs = spec, r, k, y_ptrs  # (saved ys keep their storage: same pointers)
+        _launch(_kernels()[0], spec, (_pointers(weights), _pointers(ys)), (r, k), spec.mode, spec.unbiased, spec.eps)
+        ctx.spec, ctx.r, ctx.k = spec, r, k
         ctx.save_for_backward(*ys)
         return tuple(ys)
 
@@ -200,10 +199,10 @@ class _MultiWS(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor) -> tuple:  # type: ignore[override]
         # autograd hands every grad (zeros for unused outputs: materialize_grads) in the output's dtype
-        ys = ctx.saved_tensors
+        ys = ctx.saved_tensors  # not the forward's ys: saved-tensor hooks (checkpointing) may hand back others
         gs = [g if g.stride() == y.stride() else torch.empty_like(y).copy_(g) for g, y in zip(grads, ys)]
         dxs = [torch.empty_like(y) for y in ys]  # (the kernel walks g's rows in y's element order)
-        _launch(_kernels()[1], ctx.spec, (_pointers(gs), ctx.y_ptrs, _pointers(dxs)), (ctx.r, ctx.k))
+        _launch(_kernels()[1], ctx.spec, (_pointers(gs), _pointers(ys), _pointers(dxs)), (ctx.r, ctx.k))
         return (None, *dxs)
 
 
