@@ -421,14 +421,21 @@ class BatchedWS:
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.paused:
             return
+        # with the weight's version counter, so a supply left behind by an interrupted forward is recognised as stale
+        # (WSMixin._valid_supply); not while torch.compile traces: versions are symbolic there (graph breaks)
+        track = not torch.compiler.is_compiling()
         for layer, w in self.standardize().items():
             _supply(layer, "_ws_supplied", w)
+            if track:
+                p = layer._parameters.get("weight")
+                _supply(layer, "_ws_supplied_version", (p if p is not None else layer.weight)._version)
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         if self.paused:
             return
         for layer in self._layers:
             _supply(layer, "_ws_supplied", None)
+            _supply(layer, "_ws_supplied_version", None)
 
     def remove(self) -> None:
         """Unregister the hooks; every layer computes its weight per layer again."""

@@ -69,7 +69,7 @@ def _capture_hooks(layer: nn.Module) -> list:
 
     def before(module: nn.Module, args: tuple) -> None:
         # read the supplied weight (batched pass / accumulation), so tracking does not change what forward uses
-        supplied = module._ws_supplied  # type: ignore[attr-defined]
+        supplied = module._valid_supply()  # type: ignore[attr-defined]
         used = supplied if supplied is not None else module.compute_standardized_weight()  # type: ignore[attr-defined]
         if used.requires_grad:
             used.register_hook(lambda grad: _accumulate(module, grad))

@@ -45,6 +45,9 @@ class WSMixin:
 
     ws_transposed: bool = False
     weight: Tensor
+    # the weight's version counter when the batched pass supplied the standardized weight (None: supplied through
+    # set_standardized_weight, which the caller keeps right); see _valid_supply
+    _ws_supplied_version: int | None = None
 
     def _ws_setup(self, preset: str | Preset, eps: float | None, gain: bool | None, shift: bool = False) -> None:
         name = type(self).__name__
@@ -114,10 +117,23 @@ class WSMixin:
         return weight_standardize(self.weight, preset=self.ws_preset, eps=self.ws_eps, gain=self.gain, shift=self.shift)
 
     def standardized_weight(self) -> Tensor:
-        """The weight this layer's forward uses: a supplied one if set, else computed now."""
-        if self._ws_supplied is not None:
-            return self._ws_supplied
-        return self.compute_standardized_weight()
+        """The weight this layer's forward uses: a supplied one if set (and still valid), else computed now."""
+        supplied = self._valid_supply()
+        return supplied if supplied is not None else self.compute_standardized_weight()
+
+    def _valid_supply(self) -> Tensor | None:
+        """The supplied weight, unless the batched pass supplied it and it no longer fits: the weight changed in
+        place since (an optimizer step after a forward interrupted by KeyboardInterrupt, which skips the pass's
+        clearing hook), or it carries no graph while this forward needs one."""
+        supplied, version = self._ws_supplied, self._ws_supplied_version
+        if supplied is None or version is None:  # (the pass records no version while torch.compile traces)
+            return supplied
+        w = self._parameters.get("weight")  # type: ignore[attr-defined]  # the dict: __getattr__ is slow per step
+        if w is None:
+            w = self.weight
+        if w._version != version or (w.requires_grad and not supplied.requires_grad and torch.is_grad_enabled()):
+            return None
+        return supplied
 
     def set_standardized_weight(self, weight: Tensor | None) -> None:
         """Supply the standardized weight for the next forwards (``None`` returns to computing it per call)."""
@@ -128,6 +144,7 @@ class WSMixin:
             )
         # plain object attribute: skips nn.Module.__setattr__'s checks, which run for every layer on every step
         object.__setattr__(self, "_ws_supplied", weight)
+        object.__setattr__(self, "_ws_supplied_version", None)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # type: ignore[misc]
