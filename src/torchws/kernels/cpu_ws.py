@@ -192,18 +192,34 @@ class _MultiWS(torch.autograd.Function):
         r, k = np.empty(spec.num_rows), np.empty(spec.num_rows)
         _launch(_kernels()[0], spec, (_pointers(weights), _pointers(ys)), (r, k), spec.mode, spec.unbiased, spec.eps)
         ctx.spec, ctx.r, ctx.k = spec, r, k
+        ctx.weights = weights  # read only by a backward with create_graph=True
         ctx.save_for_backward(*ys)
         return tuple(ys)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor) -> tuple:  # type: ignore[override]
+        if torch.is_grad_enabled():  # create_graph=True (double backward): the kernel's gradient has no graph
+            return _backward_with_graph(ctx, grads)
         # autograd hands every grad (zeros for unused outputs: materialize_grads) in the output's dtype
         ys = ctx.saved_tensors  # not the forward's ys: saved-tensor hooks (checkpointing) may hand back others
         gs = [g if g.stride() == y.stride() else torch.empty_like(y).copy_(g) for g, y in zip(grads, ys)]
         dxs = [torch.empty_like(y) for y in ys]  # (the kernel walks g's rows in y's element order)
         _launch(_kernels()[1], ctx.spec, (_pointers(gs), _pointers(ys), _pointers(dxs)), (ctx.r, ctx.k))
         return (None, *dxs)
+
+
+def _backward_with_graph(ctx, grads: Sequence[Tensor]) -> tuple:
+    """The per-layer torch formula on the saved inputs, differentiated by autograd with ``create_graph=True``."""
+    from torchws.functional import rows_to_weight, standardize_rows, weight_to_rows
+    from torchws.presets import Preset
+
+    spec, needs = ctx.spec, ctx.needs_input_grad[1:]
+    placement = next(name for name, mode in MODES.items() if mode == spec.mode)
+    preset = Preset("multi_standardize", "unbiased" if spec.unbiased else "population", spec.eps, placement)
+    pairs = [(w, g) for w, g, need in zip(ctx.weights, grads, needs) if need]
+    ys = [rows_to_weight(standardize_rows(weight_to_rows(w), preset=preset), w) for w, _ in pairs]
+    dxs = iter(torch.autograd.grad(ys, [w for w, _ in pairs], [g for _, g in pairs], create_graph=True))
+    return (None, *(next(dxs) if need else None for need in needs))
 
 
 def make_spec(weights: Sequence[Tensor], mode: str, eps: float, variance: str) -> Spec:
@@ -229,7 +245,8 @@ def multi_standardize(
         variance: ``population`` or ``unbiased``.
 
     Returns:
-        Standardized tensors shaped and laid out like ``weights``. Backward is once-differentiable.
+        Standardized tensors shaped and laid out like ``weights``. A backward with ``create_graph=True``
+        runs the torch formula instead of the kernel (differentiable again).
 
     Raises:
         RuntimeError: numba is not installed. ValueError: a weight does not qualify, dtypes differ, or an unknown
