@@ -287,3 +287,40 @@ def test_numba_backend_double_backward_matches_per_layer():
     assert find_handle(model)._numba.launches  # the kernels ran
     for n in grads[1]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=lambda m, n=n: f"grad of {n}: {m}")
+
+
+def test_numba_backend_under_torch_func_and_forward_ad():
+    # the kernels' autograd Function has no vmap rule and no jvp: under torch.func transforms and forward-mode AD
+    # the pass must take the torch path (as the per-layer path, these work)
+    import torch.autograd.forward_ad as fwAD
+
+    ref, model = _mixed_pair()
+    enable_batched_ws(model, backend="numba")
+    x = torch.randn(2, 3, 8, 8)
+    params = {n: p.detach() for n, p in ref.named_parameters()}
+    results = []
+    for m in (model, ref):
+        grads = torch.func.grad(lambda p, m=m: torch.func.functional_call(m, p, (x,)).square().sum())(params)
+        with fwAD.dual_level():
+            duals = {n: fwAD.make_dual(p, torch.ones_like(p)) for n, p in params.items()}
+            tangent = fwAD.unpack_dual(torch.func.functional_call(m, duals, (x,))).tangent
+        results.append((grads, tangent))
+    (ga, ta), (gb, tb) = results
+    torch.testing.assert_close(ta, tb, rtol=1e-5, atol=1e-5)
+    for n in gb:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-5, msg=lambda m, n=n: f"grad of {n}: {m}")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_numba_backend_under_jit_trace():
+    # a traced module must not hold a call of the kernels' Python Function: it could not be saved (nor exported)
+    import io
+
+    ref, model = _mixed_pair()
+    enable_batched_ws(model, backend="numba")
+    x = torch.randn(2, 3, 8, 8)
+    traced = torch.jit.trace(model, x, check_trace=False)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.jit.load(buffer)(x), ref(x), rtol=1e-5, atol=1e-5)

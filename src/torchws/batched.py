@@ -257,6 +257,17 @@ def _run_numba_plan(plan: _NumbaPlan, kernel, concat: bool | None) -> dict[WSMix
 AUTO_NUMBA_MAX_ELEMENTS = 1 << 21
 
 
+def _kernel_function_unusable() -> bool:
+    """Where the numba kernels' autograd Function cannot go and torch ops can: torch.func transforms and forward-mode
+    AD (it has no vmap rule and no jvp), torch.jit.trace (a Python Function in a trace can be neither saved nor
+    exported)."""
+    return (
+        torch._C._are_functorch_transforms_active()
+        or torch.autograd.forward_ad._current_level >= 0
+        or torch.jit.is_tracing()
+    )
+
+
 def _resolve_backend(backend: str, groups: Sequence[_Group] = ()) -> str:
     """What runs: "triton" and "numba" as asked (torch while torch.compile traces: the compiler fuses torch ops);
     "auto" is "numba" for a CPU model of at most :data:`AUTO_NUMBA_MAX_ELEMENTS` WS weight elements when numba is
@@ -264,6 +275,8 @@ def _resolve_backend(backend: str, groups: Sequence[_Group] = ()) -> str:
     benchmarks/RESULTS.md), else "torch": on an H200 the torch pass beat the Triton multi-tensor kernel in every
     measured configuration (host cost of launch and packing)."""
     if torch.compiler.is_compiling():
+        return "torch"
+    if backend in ("auto", "numba") and _kernel_function_unusable():
         return "torch"
     if backend == "auto":
         on_cpu = bool(groups) and groups[0].layers[0].weight.device.type == "cpu"
