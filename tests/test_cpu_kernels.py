@@ -324,3 +324,34 @@ def test_numba_backend_under_jit_trace():
     torch.jit.save(traced, buffer)
     buffer.seek(0)
     torch.testing.assert_close(torch.jit.load(buffer)(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = WSConv2d(3, 4, 3), WSConv2d(3, 4, 3)
+
+    def forward(self, x, use_b=True):
+        return self.a(x) + (self.b(x) if use_b else 0)
+
+
+def test_numba_backend_unused_layers_get_no_gradient():
+    # as per layer: a layer this forward did not use keeps grad None, so optimizers skip it (no weight decay, no
+    # momentum step); a zero gradient would move its weights
+    torch.manual_seed(0)
+    model = _TwoHeads()
+    enable_batched_ws(model, backend="numba")
+    model(torch.randn(1, 3, 5, 5), use_b=False).sum().backward()
+    assert len(find_handle(model)._numba.launches[0][0]) == 2  # one launch computed both
+    assert model.a.weight.grad is not None and model.b.weight.grad is None
+
+
+def test_accumulation_reports_a_layer_unused_in_the_last_micro_batch():
+    from torchws.accumulate import ws_accumulation
+
+    torch.manual_seed(0)
+    model, x = _TwoHeads(), torch.randn(1, 3, 5, 5)
+    with pytest.raises(RuntimeError, match="not used in the last micro-batch"):
+        with ws_accumulation(model, steps=2, backend="numba"):
+            model(x).sum().backward()
+            model(x, use_b=False).sum().backward()

@@ -132,7 +132,9 @@ class WSAccumulation:
     def _make_hook(self, layer: WSMixin):
         leaf = self._leaves[layer]
 
-        def add_accumulated(grad: Tensor) -> Tensor:
+        def add_accumulated(grad: Tensor | None) -> Tensor | None:
+            if grad is None:  # unused output of a multi-output node (the numba pass) that ran for other layers
+                return None
             self._fired.add(id(layer))
             return grad if leaf.grad is None else grad + leaf.grad
 

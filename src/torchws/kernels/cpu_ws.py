@@ -193,6 +193,7 @@ class _MultiWS(torch.autograd.Function):
         _launch(_kernels()[0], spec, (_pointers(weights), _pointers(ys)), (r, k), spec.mode, spec.unbiased, spec.eps)
         ctx.spec, ctx.r, ctx.k = spec, r, k
         ctx.weights = weights  # read only by a backward with create_graph=True
+        ctx.set_materialize_grads(False)  # an unused output's weight gets no gradient (None), as per layer
         ctx.save_for_backward(*ys)
         return tuple(ys)
 
@@ -200,12 +201,15 @@ class _MultiWS(torch.autograd.Function):
     def backward(ctx, *grads: Tensor) -> tuple:  # type: ignore[override]
         if torch.is_grad_enabled():  # create_graph=True (double backward): the kernel's gradient has no graph
             return _backward_with_graph(ctx, grads)
-        # autograd hands every grad (zeros for unused outputs: materialize_grads) in the output's dtype
+        # autograd hands each grad in the output's dtype, None for an unused output (the kernel reads zeros there)
         ys = ctx.saved_tensors  # not the forward's ys: saved-tensor hooks (checkpointing) may hand back others
-        gs = [g if g.stride() == y.stride() else torch.empty_like(y).copy_(g) for g, y in zip(grads, ys)]
+        gs = [
+            torch.zeros_like(y) if g is None else g if g.stride() == y.stride() else torch.empty_like(y).copy_(g)
+            for g, y in zip(grads, ys)
+        ]
         dxs = [torch.empty_like(y) for y in ys]  # (the kernel walks g's rows in y's element order)
         _launch(_kernels()[1], ctx.spec, (_pointers(gs), _pointers(ys), _pointers(dxs)), (ctx.r, ctx.k))
-        return (None, *dxs)
+        return (None, *(None if g is None else dx for g, dx in zip(grads, dxs)))
 
 
 def _backward_with_graph(ctx, grads: Sequence[Tensor]) -> tuple:
@@ -213,12 +217,14 @@ def _backward_with_graph(ctx, grads: Sequence[Tensor]) -> tuple:
     from torchws.functional import rows_to_weight, standardize_rows, weight_to_rows
     from torchws.presets import Preset
 
-    spec, needs = ctx.spec, ctx.needs_input_grad[1:]
+    spec = ctx.spec
+    needs = [need and g is not None for need, g in zip(ctx.needs_input_grad[1:], grads)]
     placement = next(name for name, mode in MODES.items() if mode == spec.mode)
     preset = Preset("multi_standardize", "unbiased" if spec.unbiased else "population", spec.eps, placement)
     pairs = [(w, g) for w, g, need in zip(ctx.weights, grads, needs) if need]
     ys = [rows_to_weight(standardize_rows(weight_to_rows(w), preset=preset), w) for w, _ in pairs]
-    dxs = iter(torch.autograd.grad(ys, [w for w, _ in pairs], [g for _, g in pairs], create_graph=True))
+    inputs, grads_used = [w for w, _ in pairs], [g for _, g in pairs]
+    dxs = iter(torch.autograd.grad(ys, inputs, grads_used, create_graph=True) if pairs else ())
     return (None, *(next(dxs) if need else None for need in needs))
 
 
