@@ -355,3 +355,18 @@ def test_accumulation_reports_a_layer_unused_in_the_last_micro_batch():
         with ws_accumulation(model, steps=2, backend="numba"):
             model(x).sum().backward()
             model(x, use_b=False).sum().backward()
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_non_finite_weights_propagate_like_per_layer(preset):
+    # a diverged weight (NaN, inf) gives NaN rows as per layer: no exception, and the other rows unaffected
+    w = torch.randn(3, 10, dtype=torch.float64)
+    w[1, 3], w[2, 0] = float("nan"), float("inf")
+    w.requires_grad_()
+    (y,) = _run(preset, [w])
+    (ref,) = _reference([w], preset)
+    torch.testing.assert_close(y, ref, equal_nan=True)
+    up = torch.randn_like(y)
+    torch.testing.assert_close(
+        torch.autograd.grad([y], [w], [up])[0], torch.autograd.grad([ref], [w], [up])[0], equal_nan=True
+    )

@@ -26,7 +26,9 @@ def _ptr_like(typingctx, addr, proto):
     return sig, codegen
 
 
-_jit = numba.njit(cache=True, fastmath=True, nogil=True, boundscheck=False)
+# error_model="numpy": a division by zero gives inf/NaN as in torch; the default (Python) raises ZeroDivisionError
+# (non-finite weights, where it tests NaN == 0 under fastmath)
+_jit = numba.njit(cache=True, fastmath=True, nogil=True, boundscheck=False, error_model="numpy")
 
 
 @_jit
