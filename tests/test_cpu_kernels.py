@@ -289,6 +289,7 @@ def test_numba_backend_double_backward_matches_per_layer():
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=lambda m, n=n: f"grad of {n}: {m}")
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")  # inside forward_ad
 def test_numba_backend_under_torch_func_and_forward_ad():
     # the kernels' autograd Function has no vmap rule and no jvp: under torch.func transforms and forward-mode AD
     # the pass must take the torch path (as the per-layer path, these work)
