@@ -371,3 +371,14 @@ def test_non_finite_weights_propagate_like_per_layer(preset):
     torch.testing.assert_close(
         torch.autograd.grad([y], [w], [up])[0], torch.autograd.grad([ref], [w], [up])[0], equal_nan=True
     )
+
+
+def test_numba_backend_with_batched_grad_outputs():
+    # autograd.grad(is_grads_batched=True) (jacobian/hessian with vectorize=True) vmaps the backward over its grads
+    torch.manual_seed(0)
+    ref, x = _TwoHeads(), torch.randn(1, 3, 5, 5)
+    model = copy.deepcopy(ref)
+    enable_batched_ws(model, backend="numba")
+    ups = torch.randn(3, 1, 4, 3, 3)
+    got, expected = (torch.autograd.grad(m(x), m.a.weight, ups, is_grads_batched=True)[0] for m in (model, ref))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -199,7 +199,9 @@ class _MultiWS(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: Tensor) -> tuple:  # type: ignore[override]
-        if torch.is_grad_enabled():  # create_graph=True (double backward): the kernel's gradient has no graph
+        # create_graph=True (double backward): the kernel's gradient has no graph; vmapped grads (autograd.grad's
+        # is_grads_batched) have no storage to point at
+        if torch.is_grad_enabled() or any(g is not None and not torch._C._has_storage(g) for g in grads):
             return _backward_with_graph(ctx, grads)
         # autograd hands each grad in the output's dtype, None for an unused output (the kernel reads zeros there)
         ys = ctx.saved_tensors  # not the forward's ys: saved-tensor hooks (checkpointing) may hand back others
@@ -213,7 +215,7 @@ class _MultiWS(torch.autograd.Function):
 
 
 def _backward_with_graph(ctx, grads: Sequence[Tensor]) -> tuple:
-    """The per-layer torch formula on the saved inputs, differentiated by autograd with ``create_graph=True``."""
+    """The per-layer torch formula on the saved inputs, differentiated by autograd (with a graph if grad mode is on)."""
     from torchws.functional import rows_to_weight, standardize_rows, weight_to_rows
     from torchws.presets import Preset
 
@@ -222,9 +224,11 @@ def _backward_with_graph(ctx, grads: Sequence[Tensor]) -> tuple:
     placement = next(name for name, mode in MODES.items() if mode == spec.mode)
     preset = Preset("multi_standardize", "unbiased" if spec.unbiased else "population", spec.eps, placement)
     pairs = [(w, g) for w, g, need in zip(ctx.weights, grads, needs) if need]
-    ys = [rows_to_weight(standardize_rows(weight_to_rows(w), preset=preset), w) for w, _ in pairs]
+    create_graph = torch.is_grad_enabled()
+    with torch.enable_grad():
+        ys = [rows_to_weight(standardize_rows(weight_to_rows(w), preset=preset), w) for w, _ in pairs]
     inputs, grads_used = [w for w, _ in pairs], [g for _, g in pairs]
-    dxs = iter(torch.autograd.grad(ys, inputs, grads_used, create_graph=True) if pairs else ())
+    dxs = iter(torch.autograd.grad(ys, inputs, grads_used, create_graph=create_graph) if pairs else ())
     return (None, *(next(dxs) if need else None for need in needs))
 
 
