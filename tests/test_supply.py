@@ -61,3 +61,67 @@ def test_valid_supply_is_used_and_user_supplies_are_not_second_guessed():
     assert model[0].standardized_weight() is mine  # set by the user: their contract
     model(x)  # a full forward supplies afresh and clears afterwards
     assert model[0]._ws_supplied is None and model[2]._ws_supplied is None
+
+
+def _resnet_with_checkpointed_stage(backend, reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    from torchws.models import create_model
+
+    class Net(nn.Module):  # a stage checkpointed inside the root's forward, as timm's grad checkpointing does
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = create_model("cifar_resnet20_gn_ws", batched_ws=False)
+
+        def forward(self, x):
+            m = self.m
+            h = m.relu(m.bn1(m.conv1(x)))
+            h = checkpoint(m.layer1, h, use_reentrant=reentrant)
+            h = m.layer3(m.layer2(h))
+            return m.fc(torch.flatten(m.avgpool(h), 1))
+
+    torch.manual_seed(0)
+    net = Net()
+    if backend is not None:  # "torch+concat": one node per group, as on a GPU
+        enable_batched_ws(net, backend=backend.split("+")[0], concat="+concat" in backend or None)
+    return net
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch+concat", "numba"])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_inside_the_forward(backend, reentrant):
+    # the recomputation during backward must see the weights the forward used (it raised CheckpointError)
+    if backend == "numba":
+        from torchws.kernels import cpu_ws
+
+        if not cpu_ws.is_available():
+            pytest.skip("needs numba")
+    net, ref = _resnet_with_checkpointed_stage(backend, reentrant), _resnet_with_checkpointed_stage(None, reentrant)
+    x = torch.randn(2, 3, 32, 32)
+    for _ in range(2):  # a second step: the kept weights are the new ones
+        for m in (net, ref):
+            m.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.sub_(0.1 * p.grad)
+        for (n, p), q in zip(net.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_kept_weights_are_not_used_outside_backward_nor_copied():
+    import copy
+
+    model = _model()
+    x = torch.randn(1, 3, 6, 6)
+    model(x).sum().backward()
+    kept = model[0]._ws_last
+    assert kept is not None and model[0]._ws_supplied is None
+    assert model[0].standardized_weight() is not kept  # a layer called on its own computes its weight
+    twin = copy.deepcopy(model)  # deepcopy refuses non-leaf tensors: the kept weight must not travel
+    assert twin[0]._ws_last is None
+    torch.testing.assert_close(twin(x), model(x))
+    from torchws.batched import disable_batched_ws
+
+    disable_batched_ws(model)
+    assert model[0]._ws_last is None

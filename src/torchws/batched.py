@@ -447,6 +447,9 @@ class BatchedWS:
         if self.paused:
             return
         for layer in self._layers:
+            # kept for activation checkpointing's recomputation during backward (WSMixin._valid_supply)
+            _supply(layer, "_ws_last", layer._ws_supplied)
+            _supply(layer, "_ws_last_version", layer._ws_supplied_version)
             _supply(layer, "_ws_supplied", None)
             _supply(layer, "_ws_supplied_version", None)
 
@@ -456,6 +459,8 @@ class BatchedWS:
         self._post.remove()
         for layer in self._layers:
             layer.set_standardized_weight(None)
+            _supply(layer, "_ws_last", None)
+            _supply(layer, "_ws_last_version", None)
 
     def __repr__(self) -> str:
         return f"BatchedWS(layers={len(self._layers)}, groups={len(self._groups)}, backend={self.backend!r})"

@@ -40,6 +40,18 @@ def _check_factory_dtype(cls_name: str, kwargs: dict) -> None:
         raise TypeError(f"{cls_name}: weight standardization needs a floating dtype, got dtype={dtype}")
 
 
+def _in_recomputation() -> bool:
+    """Whether this forward is non-reentrant activation checkpointing's recomputation: it runs inside a backward pass
+    under saved-tensor hooks. (Reentrant checkpointing recomputes without them and backpropagates through its own
+    recomputed graph: there a layer must compute its weight itself, as the original forward's graph is another.)
+    Private torch hooks, looked up defensively: without them this says False and layers compute per layer."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    top = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
+    if task is None or top is None or torch.compiler.is_compiling():
+        return False
+    return task() != -1 and top(False) is not None
+
+
 class WSMixin:
     """Shared machinery of all WS layers. ``isinstance(m, WSMixin)`` finds them."""
 
@@ -48,6 +60,11 @@ class WSMixin:
     # the weight's version counter when the batched pass supplied the standardized weight (None: supplied through
     # set_standardized_weight, which the caller keeps right); see _valid_supply
     _ws_supplied_version: int | None = None
+    # what the batched pass supplied in the last root forward, with its version: kept after the forward (replaced
+    # by the next one) for non-reentrant activation checkpointing, whose recomputation during backward must save
+    # tensors like the original forward's (else CheckpointError)
+    _ws_last: Tensor | None = None
+    _ws_last_version: int | None = None
 
     def _ws_setup(self, preset: str | Preset, eps: float | None, gain: bool | None, shift: bool = False) -> None:
         name = type(self).__name__
@@ -126,7 +143,13 @@ class WSMixin:
         place since (an optimizer step after a forward interrupted by KeyboardInterrupt, which skips the pass's
         clearing hook), or it carries no graph while this forward needs one."""
         supplied, version = self._ws_supplied, self._ws_supplied_version
-        if supplied is None or version is None:  # (the pass records no version while torch.compile traces)
+        if supplied is None:  # outside the root's forward: the last forward's weight serves only its recomputation
+            if self._ws_last is None or not _in_recomputation():
+                return None
+            supplied, version = self._ws_last, self._ws_last_version
+            if version is None:
+                return None
+        if version is None:  # (the pass records no version while torch.compile traces)
             return supplied
         w = self._parameters.get("weight")  # type: ignore[attr-defined]  # the dict: __getattr__ is slow per step
         if w is None:
@@ -145,6 +168,15 @@ class WSMixin:
         # plain object attribute: skips nn.Module.__setattr__'s checks, which run for every layer on every step
         object.__setattr__(self, "_ws_supplied", weight)
         object.__setattr__(self, "_ws_supplied_version", None)
+
+    def __getstate__(self) -> dict:
+        # deepcopy/pickle: a kept standardized weight is part of an autograd graph (deepcopy refuses non-leaf
+        # tensors) and means nothing to a copy
+        getstate = getattr(super(), "__getstate__", None)
+        state = dict(getstate() if getstate is not None else self.__dict__)
+        state.pop("_ws_last", None)
+        state.pop("_ws_last_version", None)
+        return state
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # type: ignore[misc]
