@@ -33,9 +33,13 @@ Per-layer fallback (the layer keeps computing its own weight; results are identi
 Global module hooks (``register_module_forward_pre_hook``) are not inspected.
 
 Semantics to know: the pass standardizes every batchable WS layer the model owns, used in this forward or not, so a
-registered-but-unused layer gets ``weight.grad`` of zeros instead of ``None`` where groups are concatenated. The plan is
-built once and rebuilt when a weight's identity, dtype, device, shape, strides, gain/shift or pre-hooks change;
-after adding or removing WS layers call :meth:`BatchedWS.refresh`.
+registered-but-unused layer gets ``weight.grad`` of zeros instead of ``None`` where groups are concatenated (the
+numba kernels and the unconcatenated torch path leave it ``None``). The plan is built once and rebuilt when a
+weight's identity, dtype, device, shape, strides, gain/shift or pre-hooks change; after adding or removing WS layers
+call :meth:`BatchedWS.refresh`. Each supply carries the weight's version counter: a supply left behind by a forward
+that KeyboardInterrupt cut short is ignored once the weight changes. The last forward's weights stay with the layers
+until the next forward, for non-reentrant activation checkpointing, whose recomputation during backward must use
+them (see :meth:`torchws.layers.ws.WSMixin._valid_supply`).
 """
 
 from __future__ import annotations
