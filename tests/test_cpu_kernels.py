@@ -382,3 +382,13 @@ def test_numba_backend_with_batched_grad_outputs():
     ups = torch.randn(3, 1, 4, 3, 3)
     got, expected = (torch.autograd.grad(m(x), m.a.weight, ups, is_grads_batched=True)[0] for m in (model, ref))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_double_backward_refuses_weights_modified_in_place():
+    # the graph-building backward recomputes from the weights: modified since the forward, it would be silently wrong
+    ws = _weights(torch.float64)[:1]
+    (y,) = _run("paper", ws)
+    with torch.no_grad():
+        ws[0].mul_(2)
+    with pytest.raises(RuntimeError, match="weight 0 .*modified in place after the forward"):
+        torch.autograd.grad([y], ws, [torch.randn_like(y)], create_graph=True)

@@ -192,7 +192,9 @@ class _MultiWS(torch.autograd.Function):
         r, k = np.empty(spec.num_rows), np.empty(spec.num_rows)
         _launch(_kernels()[0], spec, (_pointers(weights), _pointers(ys)), (r, k), spec.mode, spec.unbiased, spec.eps)
         ctx.spec, ctx.r, ctx.k = spec, r, k
-        ctx.weights = weights  # read only by a backward with create_graph=True
+        # read only by a backward with create_graph=True (with their versions: autograd would refuse weights
+        # modified in place since the forward, and so does that backward)
+        ctx.weights, ctx.versions = weights, [w._version for w in weights]
         ctx.set_materialize_grads(False)  # an unused output's weight gets no gradient (None), as per layer
         ctx.save_for_backward(*ys)
         return tuple(ys)
@@ -220,6 +222,12 @@ def _backward_with_graph(ctx, grads: Sequence[Tensor]) -> tuple:
     from torchws.presets import Preset
 
     spec = ctx.spec
+    for i, (w, version) in enumerate(zip(ctx.weights, ctx.versions)):
+        if w._version != version:
+            raise RuntimeError(
+                f"multi_standardize backward: weight {i} (shape {tuple(w.shape)}) was modified in place after the "
+                f"forward (version {version} -> {w._version}); its gradient would use the new values"
+            )
     needs = [need and g is not None for need, g in zip(ctx.needs_input_grad[1:], grads)]
     placement = next(name for name, mode in MODES.items() if mode == spec.mode)
     preset = Preset("multi_standardize", "unbiased" if spec.unbiased else "population", spec.eps, placement)
