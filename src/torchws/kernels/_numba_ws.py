@@ -28,7 +28,10 @@ def _ptr_like(typingctx, addr, proto):
 
 # error_model="numpy": a division by zero gives inf/NaN as in torch; the default (Python) raises ZeroDivisionError
 # (non-finite weights, where it tests NaN == 0 under fastmath)
-_jit = numba.njit(cache=True, fastmath=True, nogil=True, boundscheck=False, error_model="numpy")
+# LLVM fast-math flags, all but "nnan"/"ninf": reassociation lets the row sums vectorize, while NaN and inf keep their
+# IEEE meaning (a non-finite weight gives a NaN row, as per layer, whatever the LLVM version does with no-NaN math)
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
+_jit = numba.njit(cache=True, fastmath=_FASTMATH, nogil=True, boundscheck=False, error_model="numpy")
 
 
 @_jit
