@@ -125,3 +125,68 @@ def test_kept_weights_are_not_used_outside_backward_nor_copied():
 
     disable_batched_ws(model)
     assert model[0]._ws_last is None
+
+
+class _Checkpointed(nn.Module):
+    """Three WS convs, the middle one checkpointed inside the forward."""
+
+    def __init__(self, reentrant: bool = False) -> None:
+        super().__init__()
+        self.a = WSConv2d(3, 8, 3, padding=1)
+        self.b, self.c = WSConv2d(8, 8, 3, padding=1), WSConv2d(8, 8, 3, padding=1)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(lambda t: torch.relu(self.b(t)), torch.relu(self.a(x)), use_reentrant=self.reentrant)
+        return self.c(h)
+
+
+def _checkpointed_pair(backend="torch", concat=None, reentrant=False):
+    import copy
+
+    torch.manual_seed(0)
+    ref = _Checkpointed(reentrant)
+    net = copy.deepcopy(ref)
+    enable_batched_ws(net, backend=backend, concat=concat)
+    return net, ref
+
+
+def _assert_same_grads(net, ref):
+    for (n, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
+
+
+def test_layer_checkpointed_on_its_own_after_a_root_forward():
+    # outside the root's forward the layer computes its weight in the region's first forward, so its recomputation
+    # must too: the last root forward's kept weight saves other tensors (CheckpointError)
+    import copy
+
+    from torch.utils.checkpoint import checkpoint
+
+    model = _model()
+    x = torch.randn(2, 3, 6, 6)
+    model(x).sum().backward()
+    alone = copy.deepcopy(model[0])  # no pass, nothing kept
+    for layer in (model[0], alone):
+        layer.zero_grad(set_to_none=True)
+        checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    torch.testing.assert_close(model[0].weight.grad, alone.weight.grad)
+
+
+def test_tracked_layers_in_a_checkpointed_region_after_a_grad_forward():
+    # tracking hooks take the layers off the pass (pre-hooks): they compute per layer, while a kept weight from an
+    # earlier forward (weights unchanged since) is still there; the recomputation must compute per layer as well
+    from torchws.analysis.gradients import gradient_norm_identity, track_standardized_grads
+
+    net, ref = _checkpointed_pair()
+    x = torch.randn(2, 3, 6, 6)
+    net(x).sum()  # a grad-enabled forward without a step (an evaluation, a skipped batch)
+    for m in (net, ref):
+        with track_standardized_grads(m):
+            m(x).square().sum().backward()
+    _assert_same_grads(net, ref)
+    for name in ("a", "b", "c"):  # the recorded dL/dW_hat too (counted once)
+        torch.testing.assert_close(gradient_norm_identity(getattr(net, name)).rhs,
+                                   gradient_norm_identity(getattr(ref, name)).rhs, rtol=1e-4, atol=0)

@@ -40,16 +40,17 @@ def _check_factory_dtype(cls_name: str, kwargs: dict) -> None:
         raise TypeError(f"{cls_name}: weight standardization needs a floating dtype, got dtype={dtype}")
 
 
-def _in_recomputation() -> bool:
-    """Whether this forward is non-reentrant activation checkpointing's recomputation: it runs inside a backward pass
-    under saved-tensor hooks. (Reentrant checkpointing recomputes without them and backpropagates through its own
-    recomputed graph: there a layer must compute its weight itself, as the original forward's graph is another.)
-    Private torch hooks, looked up defensively: without them this says False and layers compute per layer."""
+def _checkpoint_phase() -> str:
+    """Under saved-tensor hooks outside a backward pass, as in a non-reentrant checkpointed region's first forward:
+    "forward"; under them inside a backward pass, non-reentrant activation checkpointing's recomputation: "recompute";
+    else "". (Reentrant checkpointing recomputes without them and backpropagates through its own recomputed graph:
+    there a layer must compute its weight itself, as the original forward's graph is another.) Private torch hooks,
+    looked up defensively: without them this says "" and layers compute per layer."""
     task = getattr(torch._C, "_current_graph_task_id", None)
     top = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
-    if task is None or top is None or torch.compiler.is_compiling():
-        return False
-    return task() != -1 and top(False) is not None
+    if task is None or top is None or torch.compiler.is_compiling() or top(False) is None:
+        return ""
+    return "forward" if task() == -1 else "recompute"
 
 
 class WSMixin:
@@ -144,7 +145,12 @@ class WSMixin:
         clearing hook), or it carries no graph while this forward needs one."""
         supplied, version = self._ws_supplied, self._ws_supplied_version
         if supplied is None:  # outside the root's forward: the last forward's weight serves only its recomputation
-            if self._ws_last is None or not _in_recomputation():
+            if self._ws_last is None:
+                return None
+            phase = _checkpoint_phase()
+            if phase != "recompute":
+                if phase == "forward":  # computed here, in a checkpointed region: its recomputation must compute too
+                    object.__setattr__(self, "_ws_last", None)
                 return None
             supplied, version = self._ws_last, self._ws_last_version
             if version is None:
