@@ -155,7 +155,8 @@ def _checkpointed_pair(backend="torch", concat=None, reentrant=False):
 
 def _assert_same_grads(net, ref):
     for (n, p), q in zip(net.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")
+        atol = 1e-5 * float(q.grad.abs().max())  # (the numba kernels round differently; WS's projection cancels)
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=atol, msg=lambda s, n=n: f"{n}: {s}")
 
 
 def test_layer_checkpointed_on_its_own_after_a_root_forward():
@@ -190,3 +191,21 @@ def test_tracked_layers_in_a_checkpointed_region_after_a_grad_forward():
     for name in ("a", "b", "c"):  # the recorded dL/dW_hat too (counted once)
         torch.testing.assert_close(gradient_norm_identity(getattr(net, name)).rhs,
                                    gradient_norm_identity(getattr(ref, name)).rhs, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend,concat", [("torch", True), ("numba", None)])
+def test_reentrant_checkpointing_under_other_saved_tensor_hooks(backend, concat):
+    # save_on_cpu around forward and backward: reentrant checkpointing's recomputation runs inside backward under
+    # saved-tensor hooks that are not checkpoint's; it must compute per layer (the kept weight led its backward into
+    # the forward's pass graph, shared with the other layers: "backward through the graph a second time")
+    if backend == "numba":
+        from torchws.kernels import cpu_ws
+
+        if not cpu_ws.is_available():
+            pytest.skip("needs numba")
+    net, ref = _checkpointed_pair(backend, concat, reentrant=True)
+    x = torch.randn(2, 3, 6, 6)
+    for m in (net, ref):
+        with torch.autograd.graph.save_on_cpu():
+            m(x).square().mean().backward()
+    _assert_same_grads(net, ref)

@@ -41,14 +41,17 @@ def _check_factory_dtype(cls_name: str, kwargs: dict) -> None:
 
 
 def _checkpoint_phase() -> str:
-    """Under saved-tensor hooks outside a backward pass, as in a non-reentrant checkpointed region's first forward:
-    "forward"; under them inside a backward pass, non-reentrant activation checkpointing's recomputation: "recompute";
-    else "". (Reentrant checkpointing recomputes without them and backpropagates through its own recomputed graph:
-    there a layer must compute its weight itself, as the original forward's graph is another.) Private torch hooks,
-    looked up defensively: without them this says "" and layers compute per layer."""
+    """Under non-reentrant activation checkpointing's saved-tensor hooks: outside a backward pass (a checkpointed
+    region's first forward) "forward"; inside one (its recomputation) "recompute"; else "". Other saved-tensor hooks
+    (save_on_cpu around a backward) do not count: reentrant checkpointing's recomputation under them backpropagates
+    through its own recomputed graph, and there a layer must compute its weight itself. Private torch hooks, looked
+    up defensively: without them this says "" and layers compute per layer."""
     task = getattr(torch._C, "_current_graph_task_id", None)
     top = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
-    if task is None or top is None or torch.compiler.is_compiling() or top(False) is None:
+    if task is None or top is None or torch.compiler.is_compiling():
+        return ""
+    hooks = top(False)  # (pack, unpack) of the innermost saved-tensor hooks, or None
+    if hooks is None or getattr(hooks[0], "__module__", None) != "torch.utils.checkpoint":
         return ""
     return "forward" if task() == -1 else "recompute"
 
