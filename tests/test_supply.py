@@ -209,3 +209,19 @@ def test_reentrant_checkpointing_under_other_saved_tensor_hooks(backend, concat)
         with torch.autograd.graph.save_on_cpu():
             m(x).square().mean().backward()
     _assert_same_grads(net, ref)
+
+
+def test_next_forward_releases_the_kept_weights_before_computing_its_own():
+    # the kept weights (one standardized copy of every WS weight) must not stay alive through the next forward,
+    # next to that forward's own: it would raise every step's peak memory by that copy
+    import weakref
+
+    model = _model()
+    x = torch.randn(1, 3, 6, 6)
+    model(x).sum().backward()
+    kept = weakref.ref(model[0]._ws_last)
+    alive = []
+    model[1].register_forward_hook(lambda *args: alive.append(kept() is not None))  # mid-forward (the ReLU)
+    model(x).sum().backward()
+    assert alive == [False]
+    assert model[0]._ws_last is not None  # this forward's own are kept

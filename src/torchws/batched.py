@@ -438,6 +438,8 @@ class BatchedWS:
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.paused:
             return
+        for layer in self._layers:  # the last forward's kept weights go first: not alive next to this forward's own
+            _supply(layer, "_ws_last", None)
         # with the weight's version counter, so a supply left behind by an interrupted forward is recognised as stale
         # (WSMixin._valid_supply); not while torch.compile traces: versions are symbolic there (graph breaks)
         track = not torch.compiler.is_compiling()
