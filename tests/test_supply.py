@@ -225,3 +225,16 @@ def test_next_forward_releases_the_kept_weights_before_computing_its_own():
     model(x).sum().backward()
     assert alive == [False]
     assert model[0]._ws_last is not None  # this forward's own are kept
+
+
+def test_checkpointed_forward_then_a_no_grad_forward_then_its_backward():
+    # a no-grad forward between a forward and its backward (an evaluation, a forward inside a backward hook) must
+    # not replace the kept weights by graph-less ones, which the recomputation cannot take (CheckpointError)
+    net, ref = _checkpointed_pair()
+    x = torch.randn(2, 3, 6, 6)
+    for m in (net, ref):
+        loss = m(x).square().mean()
+        with torch.no_grad():
+            m(x + 1)
+        loss.backward()
+    _assert_same_grads(net, ref)

@@ -438,8 +438,9 @@ class BatchedWS:
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.paused:
             return
-        for layer in self._layers:  # the last forward's kept weights go first: not alive next to this forward's own
-            _supply(layer, "_ws_last", None)
+        if torch.is_grad_enabled():  # (a no-grad forward's weights could not serve a recomputation: keep the last)
+            for layer in self._layers:  # the last forward's kept weights go first: not alive next to this forward's own
+                _supply(layer, "_ws_last", None)
         # with the weight's version counter, so a supply left behind by an interrupted forward is recognised as stale
         # (WSMixin._valid_supply); not while torch.compile traces: versions are symbolic there (graph breaks)
         track = not torch.compiler.is_compiling()
@@ -452,10 +453,11 @@ class BatchedWS:
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         if self.paused:
             return
+        keep = torch.is_grad_enabled()
         for layer in self._layers:
-            # kept for activation checkpointing's recomputation during backward (WSMixin._valid_supply)
-            _supply(layer, "_ws_last", layer._ws_supplied)
-            _supply(layer, "_ws_last_version", layer._ws_supplied_version)
+            if keep:  # for activation checkpointing's recomputation during backward (WSMixin._valid_supply)
+                _supply(layer, "_ws_last", layer._ws_supplied)
+                _supply(layer, "_ws_last_version", layer._ws_supplied_version)
             _supply(layer, "_ws_supplied", None)
             _supply(layer, "_ws_supplied_version", None)
 
