@@ -238,3 +238,20 @@ def test_checkpointed_forward_then_a_no_grad_forward_then_its_backward():
             m(x + 1)
         loss.backward()
     _assert_same_grads(net, ref)
+
+
+def test_model_copies_after_an_interrupted_forward():
+    # the supply left by the interrupted forward is part of its graph: deepcopy refuses non-leaf tensors, so copying
+    # the model (deepcopy, fold() for export) after Ctrl-C raised; a copy has no use for it
+    import copy
+
+    from torchws.convert import fold
+
+    model = _model()
+    x = torch.randn(1, 3, 6, 6)
+    _interrupt(model, x, grad=True)
+    twin = copy.deepcopy(model)
+    assert twin[0]._ws_supplied is None and model[0]._ws_supplied is not None
+    expected = model[2](torch.relu(model[0](x)))
+    torch.testing.assert_close(twin(x), expected)
+    torch.testing.assert_close(fold(model)(x), expected)

@@ -185,6 +185,8 @@ class WSMixin:
         state = dict(getstate() if getstate is not None else self.__dict__)
         state.pop("_ws_last", None)
         state.pop("_ws_last_version", None)
+        if state.get("_ws_supplied_version") is not None:  # the pass's supply, left by a forward cut short
+            state["_ws_supplied"], state["_ws_supplied_version"] = None, None
         return state
 
     def reset_parameters(self) -> None:
