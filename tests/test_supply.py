@@ -48,6 +48,18 @@ def test_supply_made_without_grad_is_not_used_for_a_grad_forward():
     assert model[0].weight.grad is not None and model[0].weight.grad.abs().sum() > 0
 
 
+def test_stale_supply_after_the_weight_was_replaced_is_ignored():
+    # load_state_dict(assign=True) puts in new Parameters whose version counters may equal the recorded one (a
+    # fresh layer's weight and a loaded tensor are both at 1): the supply must belong to this very weight
+    model = _model()
+    x = torch.randn(1, 3, 6, 6)
+    _interrupt(model, x, grad=True)
+    torch.manual_seed(1)
+    other = nn.Sequential(WSConv2d(3, 8, 3, padding=1), nn.ReLU(), WSConv2d(8, 8, 3, padding=1))
+    model.load_state_dict(other.state_dict(), assign=True)
+    torch.testing.assert_close(model[0](x), other[0](x))
+
+
 def test_valid_supply_is_used_and_user_supplies_are_not_second_guessed():
     model = _model()
     x = torch.randn(1, 3, 6, 6)

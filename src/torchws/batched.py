@@ -441,14 +441,15 @@ class BatchedWS:
         if torch.is_grad_enabled():  # (a no-grad forward's weights could not serve a recomputation: keep the last)
             for layer in self._layers:  # the last forward's kept weights go first: not alive next to this forward's own
                 _supply(layer, "_ws_last", None)
-        # with the weight's version counter, so a supply left behind by an interrupted forward is recognised as stale
-        # (WSMixin._valid_supply); not while torch.compile traces: versions are symbolic there (graph breaks)
+        # with the weight and its version counter, so a supply left behind by an interrupted forward is recognised as
+        # stale (WSMixin._valid_supply); not while torch.compile traces: versions are symbolic there (graph breaks)
         track = not torch.compiler.is_compiling()
         for layer, w in self.standardize().items():
             _supply(layer, "_ws_supplied", w)
             if track:
                 p = layer._parameters.get("weight")
-                _supply(layer, "_ws_supplied_version", (p if p is not None else layer.weight)._version)
+                p = p if p is not None else layer.weight
+                _supply(layer, "_ws_supplied_version", (p, p._version))
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         if self.paused:

@@ -61,14 +61,14 @@ class WSMixin:
 
     ws_transposed: bool = False
     weight: Tensor
-    # the weight's version counter when the batched pass supplied the standardized weight (None: supplied through
-    # set_standardized_weight, which the caller keeps right); see _valid_supply
-    _ws_supplied_version: int | None = None
+    # the weight and its version counter when the batched pass supplied the standardized weight (None: supplied
+    # through set_standardized_weight, which the caller keeps right); see _valid_supply
+    _ws_supplied_version: tuple[Tensor, int] | None = None
     # what the batched pass supplied in the last root forward, with its version: kept after the forward (replaced
     # by the next one) for non-reentrant activation checkpointing, whose recomputation during backward must save
     # tensors like the original forward's (else CheckpointError)
     _ws_last: Tensor | None = None
-    _ws_last_version: int | None = None
+    _ws_last_version: tuple[Tensor, int] | None = None
 
     def _ws_setup(self, preset: str | Preset, eps: float | None, gain: bool | None, shift: bool = False) -> None:
         name = type(self).__name__
@@ -143,9 +143,9 @@ class WSMixin:
         return supplied if supplied is not None else self.compute_standardized_weight()
 
     def _valid_supply(self) -> Tensor | None:
-        """The supplied weight, unless the batched pass supplied it and it no longer fits: the weight changed in
-        place since (an optimizer step after a forward interrupted by KeyboardInterrupt, which skips the pass's
-        clearing hook), or it carries no graph while this forward needs one."""
+        """The supplied weight, unless the batched pass supplied it and it no longer fits: the weight was replaced or
+        changed in place since (an optimizer step after a forward interrupted by KeyboardInterrupt, which skips the
+        pass's clearing hook), or it carries no graph while this forward needs one."""
         supplied, version = self._ws_supplied, self._ws_supplied_version
         if supplied is None:  # outside the root's forward: the last forward's weight serves only its recomputation
             if self._ws_last is None:
@@ -163,7 +163,9 @@ class WSMixin:
         w = self._parameters.get("weight")  # type: ignore[attr-defined]  # the dict: __getattr__ is slow per step
         if w is None:
             w = self.weight
-        if w._version != version or (w.requires_grad and not supplied.requires_grad and torch.is_grad_enabled()):
+        if w is not version[0] or w._version != version[1]:
+            return None
+        if w.requires_grad and not supplied.requires_grad and torch.is_grad_enabled():
             return None
         return supplied
 
