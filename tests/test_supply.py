@@ -267,3 +267,18 @@ def test_model_copies_after_an_interrupted_forward():
     expected = model[2](torch.relu(model[0](x)))
     torch.testing.assert_close(twin(x), expected)
     torch.testing.assert_close(fold(model)(x), expected)
+
+
+def test_checkpointing_inside_a_model_nested_in_another_with_its_own_pass():
+    # a backbone with its own pass inside a model with one (a zoo model under convert()): the outer pass's clearing
+    # hook runs after the inner one's and must not overwrite the inner forward's kept weights with None
+    import copy
+
+    net, ref_inner = _checkpointed_pair()
+    head = WSConv2d(8, 4, 3)
+    outer, ref = nn.Sequential(net, nn.ReLU(), head), nn.Sequential(ref_inner, nn.ReLU(), copy.deepcopy(head))
+    enable_batched_ws(outer, backend="torch")
+    x = torch.randn(2, 3, 6, 6)
+    for m in (outer, ref):
+        m(x).square().mean().backward()
+    _assert_same_grads(outer, ref)

@@ -456,7 +456,9 @@ class BatchedWS:
             return
         keep = torch.is_grad_enabled()
         for layer in self._layers:
-            if keep:  # for activation checkpointing's recomputation during backward (WSMixin._valid_supply)
+            # for activation checkpointing's recomputation during backward (WSMixin._valid_supply); none left: a
+            # nested model's pass (the forward of a backbone with its own) took it back after keeping its own
+            if keep and layer._ws_supplied is not None:
                 _supply(layer, "_ws_last", layer._ws_supplied)
                 _supply(layer, "_ws_last_version", layer._ws_supplied_version)
             _supply(layer, "_ws_supplied", None)
