@@ -226,12 +226,12 @@ def _standardize_in_child(w):
 
 
 def test_auto_leaves_large_cpu_models_to_torch(monkeypatch):
-    import torchws.batched as batched
+    import torchws._backends as backends
 
     handle = find_handle(create_model("cifar_resnet20_gn_ws"))
     total = sum(m.weight.numel() for m in handle.layers)
     assert _resolve_backend("auto", handle.groups) == "numba"
-    monkeypatch.setattr(batched, "AUTO_NUMBA_MAX_ELEMENTS", total - 1)
+    monkeypatch.setattr(backends, "AUTO_NUMBA_MAX_ELEMENTS", total - 1)
     assert _resolve_backend("auto", handle.groups) == "torch"
     assert _resolve_backend("numba", handle.groups) == "numba"  # asked for explicitly: whatever the size
 

@@ -47,14 +47,28 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from torchws.functional import rows_to_weight, standardize_rows, weight_to_rows
+from torchws._backends import (  # noqa: F401 (_resolve_backend: re-exported)
+    _numba_kernels,
+    _numba_plan,
+    _NumbaPlan,
+    _resolve_backend,
+    _run_numba_plan,
+    _standardize_groups_triton,
+    _triton_module,
+)
+from torchws._plan import (  # noqa: F401 (_layout: re-exported)
+    _Group,
+    _layer_signature,
+    _layout,
+    _make_groups,
+    _standardize_group_torch,
+    batchable,
+)
 from torchws.layers.ws import WSMixin
-from torchws.presets import Preset
 
 __all__ = [
     "BatchedWS",
@@ -68,226 +82,6 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "numba", "triton", "cuda_graph")
 ENV_DISABLE = "TORCHWS_BATCHED"  # "0" turns auto_enable off
-
-
-# --- layouts (groups concatenate only weights of one layout) ---------------------------------------------------------
-def _layout(w: Tensor) -> str:
-    """'contiguous', 'channels_last' (4-D), or 'other' (rows are then copies, not views)."""
-    if w.is_contiguous():
-        return "contiguous"
-    if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
-        return "channels_last"
-    return "other"
-
-
-# --- the plan: which layers are batched, and how they are grouped -------------------------------------------------
-@dataclass(eq=False)
-class _Group:
-    preset: Preset
-    eps: float
-    layers: tuple[WSMixin, ...]
-    layouts: tuple[str, ...]
-    sizes: tuple[int, ...]  # output channels (rows) per layer
-    natural: bool  # same trailing shape and layout, not transposed: concatenate the weights themselves
-    gain: bool
-    shift: bool
-    numel: int = 0  # weight elements of the group
-
-
-def batchable(layer: nn.Module) -> bool:
-    """Whether the model-level pass may compute ``layer``'s standardized weight (see the module docstring)."""
-    if not isinstance(layer, WSMixin):
-        return False
-    cls = type(layer)
-    if (
-        cls.standardized_weight is not WSMixin.standardized_weight
-        or cls.compute_standardized_weight is not WSMixin.compute_standardized_weight
-    ):
-        return False
-    if layer._forward_pre_hooks or "weight" in getattr(layer, "parametrizations", {}):  # type: ignore[attr-defined]
-        return False
-    w = layer.weight
-    return isinstance(w, Tensor) and w.is_floating_point()
-
-
-def _layer_signature(layer: WSMixin) -> tuple:
-    # id() of the weight is safe: the plan holds a reference to every weight it was built from
-    p = layer._parameters  # type: ignore[attr-defined]  # direct dict reads: this runs every forward
-    w = p.get("weight")
-    if w is None:
-        w = layer.weight
-    return (id(w), w.dtype, w.device, w.shape, w.stride(), p.get("gain") is None, p.get("shift") is None,
-            len(layer._forward_pre_hooks), layer.ws_preset, layer.ws_eps)  # type: ignore[attr-defined]
-
-
-def _make_groups(layers: Sequence[WSMixin]) -> list[_Group]:
-    buckets: dict[tuple, list[tuple[WSMixin, str]]] = {}
-    for layer in layers:
-        w = layer.weight
-        key = (layer.ws_preset, layer.ws_eps, w.dtype, w.device, layer.ws_fan_in, layer.gain is not None,
-               layer.shift is not None)
-        buckets.setdefault(key, []).append((layer, _layout(w)))
-    groups = []
-    for (preset, eps, _, _, _, gain, shift), members in buckets.items():
-        ls = tuple(m[0] for m in members)
-        layouts = tuple(m[1] for m in members)
-        natural = (
-            not any(layer.ws_transposed for layer in ls)
-            and len({layer.weight.shape[1:] for layer in ls}) == 1
-            and len(set(layouts)) == 1
-            and layouts[0] != "other"
-        )
-        sizes = tuple(layer.ws_out_channels for layer in ls)
-        numel = sum(layer.weight.numel() for layer in ls)
-        groups.append(_Group(preset, eps, ls, layouts, sizes, natural, gain, shift, numel))
-    return groups
-
-
-def _affine(rows: Tensor, layers: Sequence[WSMixin], gain: bool, shift: bool) -> Tensor:
-    """rows * gain + shift for the rows of ``layers`` stacked in order: one cat per parameter kind and one op."""
-    if gain:
-        g = layers[0].gain if len(layers) == 1 else torch.cat([layer.gain for layer in layers])
-        rows = rows * g.unsqueeze(1).to(rows.dtype)
-    if shift:
-        s = layers[0].shift if len(layers) == 1 else torch.cat([layer.shift for layer in layers])
-        rows = rows + s.unsqueeze(1).to(rows.dtype)
-    return rows
-
-
-def _standardize_group_torch(group: _Group, concat: bool) -> list[Tensor]:
-    """Weight-shaped standardized tensors of the group's layers.
-
-    ``concat``: one cat, one standardize, one affine, one split for the whole group (few launches: GPU). Without
-    it, each layer's rows are standardized where they lie (CPU: copying the weights into one buffer and the
-    gradients back out costs more than the saved per-op dispatch).
-    """
-    ls = group.layers
-    if not concat or len(ls) == 1:
-        return [layer.compute_standardized_weight() for layer in ls]
-    if group.natural:
-        full = torch.cat([layer.weight for layer in ls])  # (sum O, *trailing), the weights' common layout
-        y = standardize_rows(weight_to_rows(full), preset=group.preset, eps=group.eps)
-        return list(rows_to_weight(_affine(y, ls, group.gain, group.shift), full).split(group.sizes))
-    rows = torch.cat([layer.ws_rows() for layer in ls])  # (sum O, n)
-    y = _affine(standardize_rows(rows, preset=group.preset, eps=group.eps), ls, group.gain, group.shift)
-    return [layer.ws_from_rows(c) for layer, c in zip(ls, y.split(group.sizes))]
-
-
-# --- triton backend ---------------------------------------------------------------------------------------------
-def _triton_module():
-    try:
-        import torchws.kernels as kernels  # light: imports triton only when a kernel runs
-    except ImportError:
-        return None
-    return kernels
-
-
-def _standardize_groups_triton(groups: Sequence[_Group], kernel) -> dict[WSMixin, Tensor]:
-    """All groups sharing (preset, eps, dtype, device) go to one multi-tensor launch."""
-    out: dict[WSMixin, Tensor] = {}
-    launches: dict[tuple, list[tuple[WSMixin, bool]]] = {}
-    for g in groups:
-        w = g.layers[0].weight
-        for layer in g.layers:
-            launches.setdefault((g.preset, g.eps, w.dtype, w.device), []).append((layer, g.shift))
-    for (preset, eps, _, _), members in launches.items():
-        rows = [layer.ws_rows() for layer, _ in members]  # (O_i, n_i) views where the layout allows
-        gains = [layer.gain for layer, _ in members]
-        ys = kernel.multi_standardize(
-            rows, mode=preset.eps_placement, eps=eps, variance=preset.variance,
-            gains=None if all(g is None for g in gains) else gains,
-        )  # fmt: skip
-        for (layer, shift), y in zip(members, ys):
-            if shift:
-                y = y + layer.shift.unsqueeze(1).to(y.dtype)
-            out[layer] = layer.ws_from_rows(y)
-    return out
-
-
-# --- numba backend (CPU) ----------------------------------------------------------------------------------------
-def _cpu_kernels():
-    """torchws.kernels.cpu_ws if numba is installed, else None."""
-    from torchws.kernels import cpu_ws
-
-    return cpu_ws if cpu_ws.is_available() else None
-
-
-def _numba_kernels():
-    kernel = _cpu_kernels()
-    if kernel is None:
-        raise RuntimeError("batched WS: backend='numba' needs numba: pip install 'torchws[cpu]', or use 'auto'")
-    return kernel
-
-
-@dataclass(eq=False)
-class _NumbaPlan:
-    """What the CPU kernels compute: one launch (layers, their weights, the kernel's spec) per (preset, eps, dtype),
-    and the groups left to the torch path (gains, shifts, transposed convs, layouts without dense rows)."""
-
-    launches: list[tuple[tuple[WSMixin, ...], tuple[Tensor, ...], tuple]]
-    rest: list[_Group]
-
-
-def _numba_plan(groups: Sequence[_Group], kernel) -> _NumbaPlan:
-    buckets: dict[tuple, list[WSMixin]] = {}
-    rest = []
-    for g in groups:
-        for m in g.layers:
-            if g.gain or g.shift or m.ws_transposed or not kernel.qualifies(m.weight):
-                rest.append(m)
-            else:
-                buckets.setdefault((g.preset, g.eps, m.weight.dtype), []).append(m)
-    launches = []
-    for (preset, eps, _), layers in buckets.items():
-        weights = tuple(m.weight for m in layers)
-        launches.append((tuple(layers), weights, kernel.make_spec(weights, preset.eps_placement, eps, preset.variance)))
-    return _NumbaPlan(launches, _make_groups(rest))
-
-
-def _run_numba_plan(plan: _NumbaPlan, kernel, concat: bool | None) -> dict[WSMixin, Tensor]:
-    out: dict[WSMixin, Tensor] = {}
-    for layers, weights, spec in plan.launches:
-        out.update(zip(layers, kernel.apply_spec(spec, weights)))
-    for g in plan.rest:
-        cat = g.layers[0].weight.device.type != "cpu" if concat is None else concat
-        out.update(zip(g.layers, _standardize_group_torch(g, cat)))
-    return out
-
-
-# "auto" runs the numba kernels on a CPU up to this many weight elements; above it torch's layer_norm, which uses
-# torch's own threads. Measured on 2 cores: CIFAR ResNet-20 (270k elements) steps 1.05-1.09x GN with the kernels vs
-# 1.07-1.11x with torch; CIFAR ResNet-18 (11.2M) 1.30x / 1.22x / 1.05x (batch 1 / 2 / 32) vs 1.29x / 1.19x / 1.005x.
-# Where between the two the crossover lies was not measured.
-AUTO_NUMBA_MAX_ELEMENTS = 1 << 21
-
-
-def _kernel_function_unusable() -> bool:
-    """Where the numba kernels' autograd Function cannot go and torch ops can: torch.func transforms and forward-mode
-    AD (it has no vmap rule and no jvp), torch.jit.trace (a Python Function in a trace can be neither saved nor
-    exported)."""
-    return (
-        torch._C._are_functorch_transforms_active()
-        or torch.autograd.forward_ad._current_level >= 0
-        or torch.jit.is_tracing()
-    )
-
-
-def _resolve_backend(backend: str, groups: Sequence[_Group] = ()) -> str:
-    """What runs: "triton" and "numba" as asked (torch while torch.compile traces: the compiler fuses torch ops);
-    "auto" is "numba" for a CPU model of at most :data:`AUTO_NUMBA_MAX_ELEMENTS` WS weight elements when numba is
-    installed (CIFAR ResNet-20, 2 threads: WS forward + backward ~0.45 ms against ~0.75 ms for torch's layer_norm,
-    benchmarks/RESULTS.md), else "torch": on an H200 the torch pass beat the Triton multi-tensor kernel in every
-    measured configuration (host cost of launch and packing)."""
-    if torch.compiler.is_compiling():
-        return "torch"
-    if backend in ("auto", "numba") and _kernel_function_unusable():
-        return "torch"
-    if backend == "auto":
-        on_cpu = bool(groups) and groups[0].layers[0].weight.device.type == "cpu"
-        small = sum(g.numel for g in groups) <= AUTO_NUMBA_MAX_ELEMENTS
-        return "numba" if on_cpu and small and _cpu_kernels() is not None else "torch"
-    return backend if backend in ("triton", "numba") else "torch"
-
 
 def batched_standardize(
     groups: Sequence[_Group], backend: str = "auto", concat: bool | None = None

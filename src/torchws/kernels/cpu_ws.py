@@ -103,7 +103,7 @@ def _pointers(tensors: Sequence[Tensor]) -> np.ndarray:
 # (CIFAR ResNet-18 step, 2 cores: 1.70x GN split, in a run with other work on the machine, vs 1.30x serial in an
 # earlier run; torch's layer_norm 1.27x and 1.30x in the same two runs). Small launches lose anyway: handing work to a
 # thread costs ~20-50 us, a ResNet-20's weights (270k elements) take ~65 us forward. (batched's "auto" leaves large
-# models to torch's layer_norm instead: torchws.batched.AUTO_NUMBA_MAX_ELEMENTS.)
+# models to torch's layer_norm instead: torchws._backends.AUTO_NUMBA_MAX_ELEMENTS.)
 PARALLEL_MIN_ELEMENTS = 1 << 62
 _pool: tuple[int, object] | None = None  # (pid, executor): a forked child (DataLoader worker) makes its own
 
