@@ -314,27 +314,22 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
         "torchws_per_layer": lambda: [m.compute_standardized_weight() for m in layers],
         "batched_torch": lambda: _in_order(handle.standardize(), layers),
     }
+    def sharing(backend: str) -> Callable[[], list[torch.Tensor]]:
+        """A pass with ``backend`` over a copy of the model whose layers hold the same weight tensors (so every
+        case writes the same .grad)."""
+        other = BatchedWS(copy.deepcopy(model), backend=backend)
+        other_layers = [m for m in other.model.modules() if isinstance(m, WSMixin)]
+        for m, src in zip(other_layers, layers):
+            m.weight = src.weight
+        other.refresh()
+        return lambda: _in_order(other.standardize(), other_layers)
+
     if device.type == "cpu" and _numba_available():
-        nb = BatchedWS(copy.deepcopy(model), backend="numba")
-        nb_layers = [m for m in nb.model.modules() if isinstance(m, WSMixin)]
-        for m, src in zip(nb_layers, layers):
-            m.weight = src.weight
-        nb.refresh()
-        cases["batched_numba"] = lambda: _in_order(nb.standardize(), nb_layers)
+        cases["batched_numba"] = sharing("numba")
     if _kernel_available(device):
-        tri = BatchedWS(copy.deepcopy(model), backend="triton")
-        tri_layers = [m for m in tri.model.modules() if isinstance(m, WSMixin)]
-        for m, src in zip(tri_layers, layers):
-            m.weight = src.weight  # the same tensors, so both paths write the same .grad
-        tri.refresh()
-        cases["batched_triton"] = lambda: _in_order(tri.standardize(), tri_layers)
+        cases["batched_triton"] = sharing("triton")
     if device.type == "cuda":
-        graphed = BatchedWS(copy.deepcopy(model), backend="cuda_graph")
-        graphed_layers = [m for m in graphed.model.modules() if isinstance(m, WSMixin)]
-        for m, src in zip(graphed_layers, layers):
-            m.weight = src.weight
-        graphed.refresh()
-        cases["batched_graph"] = lambda: _in_order(graphed.standardize(), graphed_layers)
+        cases["batched_graph"] = sharing("cuda_graph")
 
     def fwd_bwd(fn: Callable[[], list[torch.Tensor]]) -> Callable[[], None]:
         def run() -> None:
@@ -352,8 +347,9 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     bandwidth = 2 * numel * 4 / (med["copy"] / 1e3)  # bytes/s: read + write
     floor_ms = 5 * numel * 4 / bandwidth * 1e3  # fwd reads W, writes W_hat; bwd reads g, W, writes dW
-    print(f"\n(a) WS alone, {len(weights)} ResNet-50 conv weights ({numel / 1e6:.1f}M params), fwd+bwd, median ms "
-          f"({len(times['copy'])} rounds); copy {bandwidth / 1e9:.1f} GB/s, floor {floor_ms:.3f} ms")  # fmt: skip
+    print(f"\n(a) WS alone, {len(weights)} {args.op_model} conv weights ({numel / 1e6:.1f}M params), fwd+bwd, "
+          f"median ms ({len(times['copy'])} rounds); copy {bandwidth / 1e9:.1f} GB/s, "
+          f"floor {floor_ms:.3f} ms")  # fmt: skip
     for k, ms in med.items():
         if k != "copy":
             print(f"  {k:<20}{ms:>10.3f} ms  {ms / floor_ms:8.1f}x floor")

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from test_train_engine import one_thread  # noqa: F401 (the autouse fixture, shared)
 
 from torchws.cli import main
 
@@ -17,12 +17,6 @@ TINY = ["--dataset", "digits", "--model", "cifar_resnet20_gn_ws", "--batch-size"
         "--device", "cpu"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:

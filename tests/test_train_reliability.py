@@ -12,19 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_train_engine import assert_same_params, run_trainer, tiny_cfg, tiny_splits
+from test_train_engine import (  # noqa: F401 (one_thread: the autouse fixture, shared)
+    assert_same_params,
+    one_thread,
+    run_trainer,
+    tiny_cfg,
+    tiny_splits,
+)
 
 from torchws.train import CheckpointError, RunDirError, load_checkpoint, train
 from torchws.train import engine as engine_module
 from torchws.train.metrics import MetricsLogger, read_metrics
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
