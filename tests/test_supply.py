@@ -282,3 +282,64 @@ def test_checkpointing_inside_a_model_nested_in_another_with_its_own_pass():
     for m in (outer, ref):
         m(x).square().mean().backward()
     _assert_same_grads(outer, ref)
+
+
+class _WithFeatures(_Checkpointed):
+    """_Checkpointed whose checkpointed part is also a method called on its own (features for an extra loss)."""
+
+    def features(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(lambda t: torch.relu(self.b(t)), torch.relu(self.a(x)), use_reentrant=False)
+
+    def forward(self, x):
+        return self.c(self.features(x))
+
+
+@pytest.mark.parametrize("root_first", [False, True])
+def test_checkpointed_features_and_the_root_forward_in_one_backward(root_first):
+    # a checkpointed region outside the root's forward (features for an extra loss: no supply, the layers compute
+    # their weights) and one inside it (the pass's kept weights) before one backward: each recomputation must save
+    # what its own forward saved, whichever of the two ran last (CheckpointError)
+    import copy
+
+    torch.manual_seed(0)
+    ref = _WithFeatures()
+    net = copy.deepcopy(ref)
+    enable_batched_ws(net, backend="torch")
+    x = torch.randn(2, 3, 6, 6)
+    for _ in range(2):
+        for m in (net, ref):
+            m.zero_grad(set_to_none=True)
+            if root_first:
+                out = m(x)
+                feats = m.features(x + 1)
+            else:
+                feats = m.features(x + 1)
+                out = m(x)
+            (out.square().mean() + feats.square().mean()).backward()
+        _assert_same_grads(net, ref)
+
+
+def test_checkpointed_region_under_enable_grad_in_a_no_grad_forward():
+    # a root forward under no_grad that enables grad inside (an inner optimisation loop): the graph-less supply does
+    # not serve there, the layers compute their weights; the recomputation must not take an earlier step's kept ones
+    class EnablesGrad(_Checkpointed):
+        def forward(self, x):
+            with torch.enable_grad():
+                return super().forward(x)
+
+    import copy
+
+    torch.manual_seed(0)
+    ref = EnablesGrad()
+    net = copy.deepcopy(ref)
+    enable_batched_ws(net, backend="torch")
+    x = torch.randn(2, 3, 6, 6)
+    for m in (net, ref):
+        m(x).sum().backward()  # a grad step first: its weights are kept
+        m.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            out = m(x)
+        out.square().mean().backward()
+    _assert_same_grads(net, ref)

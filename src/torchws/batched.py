@@ -157,6 +157,8 @@ class BatchedWS:
     def refresh(self) -> None:
         """Rescan the model for WS layers and regroup them (after model surgery)."""
         self._layers = tuple(m for m in self.model.modules() if batchable(m))  # type: ignore[misc]
+        for layer in self._layers:
+            _supply(layer, "_ws_in_pass", True)
         self._weights = tuple(m.weight for m in self._layers)
         self._signature = tuple(_layer_signature(m) for m in self._layers)
         self._groups = _make_groups(self._layers)
@@ -266,6 +268,7 @@ class BatchedWS:
             layer.set_standardized_weight(None)
             _supply(layer, "_ws_last", None)
             _supply(layer, "_ws_last_version", None)
+            _supply(layer, "_ws_in_pass", False)
 
     def __repr__(self) -> str:
         return f"BatchedWS(layers={len(self._layers)}, groups={len(self._groups)}, backend={self.backend!r})"

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from torchws.functional import standardize_rows, weight_to_rows
-from torchws.layers.ws import WSMixin
+from torchws.layers.ws import WSMixin, _checkpoint_phase
 
 __all__ = ["GradientNormIdentity", "gradient_norm_identity", "track_standardized_grads"]
 
@@ -71,7 +71,9 @@ def _capture_hooks(layer: nn.Module) -> list:
         # read the supplied weight (batched pass / accumulation), so tracking does not change what forward uses
         supplied = module._valid_supply()  # type: ignore[attr-defined]
         used = supplied if supplied is not None else module.compute_standardized_weight()  # type: ignore[attr-defined]
-        if used.requires_grad:
+        # not in a checkpointed region's recomputation: its weight is the forward's own (hook set then) or one that
+        # the backward does not reach
+        if used.requires_grad and _checkpoint_phase() != "recompute":
             used.register_hook(lambda grad: _accumulate(module, grad))
         previous.append(supplied)
         module.set_standardized_weight(used)  # type: ignore[attr-defined]

@@ -56,6 +56,10 @@ def _checkpoint_phase() -> str:
     return "forward" if task() == -1 else "recompute"
 
 
+def _unpack_saved(t: Tensor) -> Tensor:
+    return t
+
+
 class WSMixin:
     """Shared machinery of all WS layers. ``isinstance(m, WSMixin)`` finds them."""
 
@@ -69,6 +73,9 @@ class WSMixin:
     # tensors like the original forward's (else CheckpointError)
     _ws_last: Tensor | None = None
     _ws_last_version: tuple[Tensor, int] | None = None
+    # set by a batched pass for the layers it computes (BatchedWS.refresh): checkpointed regions outside the root's
+    # forward keep their weight from the first step on (_keep_computed)
+    _ws_in_pass: bool = False
 
     def _ws_setup(self, preset: str | Preset, eps: float | None, gain: bool | None, shift: bool = False) -> None:
         name = type(self).__name__
@@ -147,27 +154,39 @@ class WSMixin:
         changed in place since (an optimizer step after a forward interrupted by KeyboardInterrupt, which skips the
         pass's clearing hook), or it carries no graph while this forward needs one."""
         supplied, version = self._ws_supplied, self._ws_supplied_version
-        if supplied is None:  # outside the root's forward: the last forward's weight serves only its recomputation
-            if self._ws_last is None:
-                return None
-            phase = _checkpoint_phase()
-            if phase != "recompute":
-                if phase == "forward":  # computed here, in a checkpointed region: its recomputation must compute too
-                    object.__setattr__(self, "_ws_last", None)
-                return None
-            supplied, version = self._ws_last, self._ws_last_version
-            if version is None:
-                return None
-        if version is None:  # (the pass records no version while torch.compile traces)
-            return supplied
+        if supplied is not None and (version is None or self._fits(supplied, version)):
+            return supplied  # (no version: set by the user, or by the pass while torch.compile traces)
+        # no (valid) supply: the last forward's kept weight serves only its recomputation
+        if self._ws_last is None and not self._ws_in_pass:
+            return None
+        phase = _checkpoint_phase()
+        if phase == "forward" and torch.is_grad_enabled():
+            return self._keep_computed()
+        last, version = self._ws_last, self._ws_last_version
+        if phase != "recompute" or last is None or version is None or not self._fits(last, version):
+            return None
+        return last
+
+    def _fits(self, supplied: Tensor, version: tuple[Tensor, int]) -> bool:
         w = self._parameters.get("weight")  # type: ignore[attr-defined]  # the dict: __getattr__ is slow per step
         if w is None:
             w = self.weight
         if w is not version[0] or w._version != version[1]:
-            return None
-        if w.requires_grad and not supplied.requires_grad and torch.is_grad_enabled():
-            return None
-        return supplied
+            return False
+        return not (w.requires_grad and not supplied.requires_grad and torch.is_grad_enabled())
+
+    def _keep_computed(self) -> Tensor:
+        """In a checkpointed region's first forward without a (valid) supply: the weight computed here, outside
+        checkpoint's saved-tensor hooks, and kept like a supply. Its recomputation then saves the same tensors (the
+        convolution's) whether it takes this weight or a later root forward's kept one (equal values): which forward
+        ran last no longer decides (CheckpointError)."""
+        with torch.autograd.graph.saved_tensors_hooks(Tensor.detach, _unpack_saved):  # (detach: no ref cycle)
+            w = self.compute_standardized_weight()
+        p = self._parameters.get("weight")  # type: ignore[attr-defined]
+        p = p if p is not None else self.weight
+        object.__setattr__(self, "_ws_last", w)
+        object.__setattr__(self, "_ws_last_version", (p, p._version))
+        return w
 
     def set_standardized_weight(self, weight: Tensor | None) -> None:
         """Supply the standardized weight for the next forwards (``None`` returns to computing it per call)."""
