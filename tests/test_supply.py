@@ -343,3 +343,20 @@ def test_checkpointed_region_under_enable_grad_in_a_no_grad_forward():
             out = m(x)
         out.square().mean().backward()
     _assert_same_grads(net, ref)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch+concat"])  # the pass's backend; ws_accumulation's is "auto"
+def test_reentrant_checkpointing_inside_ws_accumulation_with_steps(backend):
+    # the last micro-batch backpropagates through the real standardized weights; reentrant checkpointing runs a
+    # nested backward through part of them, so they must not share one autograd node between layers
+    from torchws.accumulate import ws_accumulation
+
+    net, ref = _resnet_with_checkpointed_stage(backend, True), _resnet_with_checkpointed_stage(None, True)
+    xs = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    for x in xs:
+        ref(x).square().mean().backward()
+    with ws_accumulation(net, steps=2):
+        for x in xs:
+            net(x).square().mean().backward()
+    for (n, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda s, n=n: f"{n}: {s}")

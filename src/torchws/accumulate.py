@@ -99,7 +99,7 @@ class WSAccumulation:
         try:
             layers = tuple(m for m in self.root.modules() if batchable(m))
             with torch.enable_grad():
-                self._real = batched_standardize(_make_groups(layers), self.backend)  # type: ignore[arg-type]
+                self._real = self._standardize(layers)
             for layer, w in self._real.items():
                 leaf = w.detach().requires_grad_(w.requires_grad)
                 self._leaves[layer] = leaf
@@ -110,6 +110,16 @@ class WSAccumulation:
             self.__exit__(type(e), e, e.__traceback__)
             raise
         return self
+
+    def _standardize(self, layers: tuple[WSMixin, ...]) -> dict[WSMixin, Tensor]:
+        """The real standardized weights, once per block. ``"auto"`` computes each layer's on its own (one autograd
+        node per layer): once per optimizer step the speed of a shared kernel hardly matters, and a nested backward
+        through some of them (reentrant activation checkpointing in the last micro-batch) must not consume a node
+        the other layers still need ("backward through the graph a second time")."""
+        groups = _make_groups(layers)
+        if self.backend == "auto":
+            return batched_standardize(groups, "torch", concat=False)
+        return batched_standardize(groups, self.backend)  # type: ignore[arg-type]
 
     def _count_forward(self, module: nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled():
