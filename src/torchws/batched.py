@@ -243,9 +243,7 @@ class BatchedWS:
         for layer, w in self.standardize().items():
             _supply(layer, "_ws_supplied", w)
             if track:
-                p = layer._parameters.get("weight")
-                p = p if p is not None else layer.weight
-                _supply(layer, "_ws_supplied_version", (p, p._version))
+                _supply(layer, "_ws_supplied_version", layer._ws_version())
 
     def _post_hook(self, module: nn.Module, args: tuple, output: object) -> None:
         if self.paused:

@@ -167,11 +167,16 @@ class WSMixin:
             return None
         return last
 
-    def _fits(self, supplied: Tensor, version: tuple[Tensor, int]) -> bool:
+    def _ws_version(self) -> tuple[Tensor, int]:
+        """(weight, its version counter): what a supply records and :meth:`_fits` compares."""
         w = self._parameters.get("weight")  # type: ignore[attr-defined]  # the dict: __getattr__ is slow per step
         if w is None:
             w = self.weight
-        if w is not version[0] or w._version != version[1]:
+        return w, w._version
+
+    def _fits(self, supplied: Tensor, version: tuple[Tensor, int]) -> bool:
+        w, current = self._ws_version()
+        if w is not version[0] or current != version[1]:
             return False
         return not (w.requires_grad and not supplied.requires_grad and torch.is_grad_enabled())
 
@@ -182,10 +187,8 @@ class WSMixin:
         ran last no longer decides (CheckpointError)."""
         with torch.autograd.graph.saved_tensors_hooks(Tensor.detach, _unpack_saved):  # (detach: no ref cycle)
             w = self.compute_standardized_weight()
-        p = self._parameters.get("weight")  # type: ignore[attr-defined]
-        p = p if p is not None else self.weight
         object.__setattr__(self, "_ws_last", w)
-        object.__setattr__(self, "_ws_last_version", (p, p._version))
+        object.__setattr__(self, "_ws_last_version", self._ws_version())
         return w
 
     def set_standardized_weight(self, weight: Tensor | None) -> None:
