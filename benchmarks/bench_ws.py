@@ -11,6 +11,9 @@ Variants (all built from the same plain-conv GroupNorm network, same weights):
     batched_triton  torchws with ``enable_batched_ws(backend="triton")`` (CUDA only)
     batched_graph   torchws with ``enable_batched_ws(backend="cuda_graph")``: the torch pass replayed from CUDA graphs
                     (CUDA only)
+    deferred        torchws with ``enable_batched_ws(deferred=True)``: standardized weights as persistent leaves,
+                    every WS gradient computed once when backward ends (numba kernels on a CPU, the cuda_graph
+                    replays on CUDA; ``torchws._deferred``)
     folded          ``torchws.convert.fold`` of the torchws model (plain convs again)
     pass_floor      not WS: the batched pass handing the layers fresh *copies* of their weights through one autograd
                     Function (copy forward, gradients passed through): what any model-level pass costs before its math
@@ -102,6 +105,12 @@ def make_variant(kind: str, base: nn.Module) -> nn.Module | str:
         if next(m.parameters()).device.type != "cuda":
             return "CUDA graphs need a CUDA device"
         enable_batched_ws(m, backend="cuda_graph")
+        return m
+    if kind == "deferred":  # persistent WS leaves, WS backward when backward ends (torchws._deferred)
+        cuda = next(m.parameters()).device.type == "cuda"
+        if not cuda and not _numba_available():
+            return "deferred WS needs numba on a CPU"
+        enable_batched_ws(m, backend="cuda_graph" if cuda else "auto", deferred=True)
         return m
     if kind == "pass_floor":
         handle = enable_batched_ws(m, backend="torch")
@@ -251,8 +260,10 @@ def report_config(model: str, precision: str, batch: int, times: dict[str, list[
     for k, ms in med.items():
         ratio = ms / base if base else None
         iqr = statistics.quantiles(times[k], n=4) if len(times[k]) >= 4 else [ms / 1e3] * 3
-        line = f"  {k:<22}{ms:>9.2f} ms {'' if ratio is None else f'{ratio:6.3f}x'} (q1 {iqr[0] * 1e3:.2f}, " \
-               f"q3 {iqr[2] * 1e3:.2f})"
+        line = (
+            f"  {k:<22}{ms:>9.2f} ms {'' if ratio is None else f'{ratio:6.3f}x'} (q1 {iqr[0] * 1e3:.2f}, "
+            f"q3 {iqr[2] * 1e3:.2f})"
+        )
         row = dict(model=model, precision=precision, batch=batch, variant=k, median_ms=ms, ratio_to_gn=ratio,
                    q1_ms=iqr[0] * 1e3, q3_ms=iqr[2] * 1e3, rounds=len(times[k]))  # fmt: skip
         if base and len(times[k]) == len(times["gn"]):
@@ -314,6 +325,7 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
         "torchws_per_layer": lambda: [m.compute_standardized_weight() for m in layers],
         "batched_torch": lambda: _in_order(handle.standardize(), layers),
     }
+
     def sharing(backend: str) -> Callable[[], list[torch.Tensor]]:
         """A pass with ``backend`` over a copy of the model whose layers hold the same weight tensors (so every
         case writes the same .grad)."""
@@ -330,6 +342,7 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
         cases["batched_triton"] = sharing("triton")
     if device.type == "cuda":
         cases["batched_graph"] = sharing("cuda_graph")
+    deferred = _deferred_op(model, layers, grads) if device.type == "cuda" or _numba_available() else None
 
     def fwd_bwd(fn: Callable[[], list[torch.Tensor]]) -> Callable[[], None]:
         def run() -> None:
@@ -342,6 +355,8 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
     src = torch.randn(numel, device=device)
     dst = torch.empty_like(src)
     fns = {k: fwd_bwd(f) for k, f in cases.items()}
+    if deferred is not None:
+        fns["deferred"] = deferred
     fns["copy"] = lambda: dst.copy_(src)
     times, _, errors = interleaved(fns, args.op_reps, device, args.budget_s)
     med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -357,6 +372,27 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
         print(f"  {k:<20}error: {why}")
     return dict(median_ms=med, errors=errors, params=numel, layers=len(weights), copy_gbps=bandwidth / 1e9,
                 floor_ms=floor_ms)  # fmt: skip
+
+
+def _deferred_op(model: nn.Module, layers: list, grads: list[torch.Tensor]) -> Callable[[], None]:
+    """WS alone through the deferred engine: recompute the leaves, hand them ``grads``, push (what a step runs)."""
+    handle = BatchedWS(model, backend="cuda_graph" if grads[0].is_cuda else "auto", deferred=True)
+    engine = handle._deferred_engine()
+    assert engine is not None and not engine.rest, "bench_ws: the deferred engine should take every layer"
+    by_layer = dict(zip(layers, grads))
+    order = [by_layer[m] for m in engine.layers]
+
+    def run() -> None:
+        for w in engine.inputs:
+            w.grad = None
+        engine._in_flight = False  # as after a step's backward: recompute
+        with torch.enable_grad():
+            engine.supply()
+        for leaf, g in zip(engine.leaves, order):
+            leaf.grad = g
+        engine._push()
+
+    return run
 
 
 # --- correctness of the batched paths on the device -----------------------------------------------------------
@@ -394,12 +430,16 @@ def check_batched(device: torch.device, name: str) -> bool:
     x = torch.randn(2, c, h, w, device=device)
     backends = ["torch"] + (["triton"] if _kernel_available(device) else [])
     backends += ["cuda_graph"] if device.type == "cuda" else []
+    backends += ["deferred"] if device.type == "cuda" or _numba_available() else []
     fp32_ref = _run_once(ref, x, None)
     bf16_ref = _rel_errors(fp32_ref, _run_once(ref, x, torch.bfloat16))
     for amp in (None, torch.bfloat16):
         for backend in backends:
             model = copy.deepcopy(ref)
-            enable_batched_ws(model, backend=backend)
+            if backend == "deferred":
+                enable_batched_ws(model, backend="cuda_graph" if device.type == "cuda" else "auto", deferred=True)
+            else:
+                enable_batched_ws(model, backend=backend)
             _run_once(model, x, amp)  # a first step (the cuda_graph backend captures here), then the checked one
             err_y, err_g = _rel_errors(fp32_ref, _run_once(model, x, amp))
             if amp is None:
@@ -409,7 +449,7 @@ def check_batched(device: torch.device, name: str) -> bool:
                 good = err_y <= 1.5 * bf16_ref[0] + 1e-3 and err_g <= 1.5 * bf16_ref[1] + 1e-3
                 bound = f" (per-layer bf16 vs fp32: {bf16_ref[0]:.2e}, {bf16_ref[1]:.2e})"
             ok &= good
-            print(f"check {backend:<7}{'bf16' if amp else 'fp32'} vs per-layer fp32: rel err out {err_y:.2e}, "
+            print(f"check {backend:<11}{'bf16' if amp else 'fp32'} vs per-layer fp32: rel err out {err_y:.2e}, "
                   f"rel L2 err of all grads {err_g:.2e}{bound}  {'ok' if good else 'FAIL'}")  # fmt: skip
     return ok
 
@@ -446,8 +486,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "cuda: resnet50)")  # fmt: skip
     p.add_argument("--batches", default="1,2,32")
     p.add_argument("--precisions", default=None, help="fp32,bf16_cl (default cpu: fp32; cuda: both)")
-    p.add_argument("--variants",
-                   default="gn,authors,timm,torchws,batched,batched_numba,batched_triton,batched_graph,folded")
+    p.add_argument(
+        "--variants",
+        default="gn,authors,timm,torchws,batched,batched_numba,batched_triton,batched_graph,deferred,folded",
+    )
     p.add_argument("--reps", type=int, default=None, help="max interleaved rounds per config (default 60 cpu/30 cuda)")
     p.add_argument("--op-reps", type=int, default=None, help="rounds for (a) (default 20 cpu/50 cuda)")
     p.add_argument("--budget-s", type=float, default=None, help="time cap per config; lowers rounds (default 40)")

@@ -28,4 +28,4 @@ ok = all(torch.allclose(a.grad, 3 * b.grad) for a, b in zip(w, ref))
 print(f"{mode}: no mismatch warning; grads match eager: {ok}")
 PY
 done
-python -m pytest -q -m gpu -W error::UserWarning tests/test_batched.py -k cuda_graph
+python -m pytest -q -m gpu -W error::UserWarning tests/test_batched.py -k 'cuda_graph or deferred'

@@ -472,3 +472,23 @@ def test_plan_notices_a_changed_eps():
     for m in (ref, model):
         m.c1.ws_eps = 0.5  # a large eps changes the standardized weight visibly
     torch.testing.assert_close(model(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.filterwarnings("error:The AccumulateGrad node's stream:UserWarning")
+def test_deferred_graph_engine_matches_per_layer_over_sgd_steps():
+    torch.manual_seed(0)
+    ref, model = _pair()
+    ref, model = ref.cuda(), model.cuda()
+    handle = enable_batched_ws(model, backend="cuda_graph", deferred=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
+    for step in range(4):
+        x = torch.randn(2, 3, 8, 8, device="cuda")
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad(set_to_none=step % 2 == 0)
+            m(x).square().mean().backward()
+            opt.step()
+        for p, q in zip(ref.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert type(handle._deferred).__name__ == "_GraphDeferred"

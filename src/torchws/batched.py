@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from torchws._backends import (  # noqa: F401 (_resolve_backend: re-exported)
+    _kernel_function_unusable,
     _numba_kernels,
     _numba_plan,
     _NumbaPlan,
@@ -60,6 +61,7 @@ from torchws._backends import (  # noqa: F401 (_resolve_backend: re-exported)
     _standardize_groups_triton,
     _triton_module,
 )
+from torchws._deferred import DeferredWS, build_deferred
 from torchws._plan import (  # noqa: F401 (_layout: re-exported)
     _Group,
     _layer_signature,
@@ -82,6 +84,7 @@ __all__ = [
 
 BACKENDS = ("auto", "torch", "numba", "triton", "cuda_graph")
 ENV_DISABLE = "TORCHWS_BATCHED"  # "0" turns auto_enable off
+
 
 def batched_standardize(
     groups: Sequence[_Group], backend: str = "auto", concat: bool | None = None
@@ -136,20 +139,25 @@ class BatchedWS:
         backend: "auto", "torch", "triton" or "cuda_graph".
         concat: torch backend: concatenate each group (None: everywhere but on the CPU).
         paused: while True the hooks do nothing (used by :func:`torchws.accumulate.ws_accumulation`).
+        deferred: standardized weights as persistent leaves, WS backward at the end of backward
+            (:mod:`torchws._deferred`).
     """
 
-    def __init__(self, model: nn.Module, backend: str = "auto", concat: bool | None = None) -> None:
+    def __init__(self, model: nn.Module, backend: str = "auto", concat: bool | None = None,
+                 deferred: bool = False) -> None:  # fmt: skip
         if backend not in BACKENDS:
             raise ValueError(f"enable_batched_ws: backend must be one of {BACKENDS}, got {backend!r}")
         self.model = model
         self.backend = backend
         self.concat = concat
+        self.deferred = deferred
         self.paused = False
         self._layers: tuple[WSMixin, ...] = ()
         self._weights: tuple[Tensor, ...] = ()
         self._signature: tuple = ()
         self._groups: list[_Group] = []
         self._graph = None  # torchws.kernels.cuda_graph.GraphedPass of the cuda_graph backend, captured lazily
+        self._engine_now: DeferredWS | None = None  # the deferred engine of the forward in progress
         self.refresh()
         self._pre = model.register_forward_pre_hook(self._pre_hook)
         self._post = model.register_forward_hook(self._post_hook, always_call=True)
@@ -163,6 +171,9 @@ class BatchedWS:
         self._signature = tuple(_layer_signature(m) for m in self._layers)
         self._groups = _make_groups(self._layers)
         self._numba: _NumbaPlan | None = None  # the CPU kernels' launches, built on first use
+        # deferred=True: the engine (torchws._deferred), built on first use; False where none applies to this plan.
+        # A replaced engine lives on in its leaves' hooks until their pending backward has pushed its gradients.
+        self._deferred: DeferredWS | bool | None = None
 
     @property
     def layers(self) -> tuple[WSMixin, ...]:
@@ -181,6 +192,12 @@ class BatchedWS:
     def standardize(self) -> dict[WSMixin, Tensor]:
         """Compute every batched layer's standardized weight now (with autograd graph when grad is enabled)."""
         self._check_plan()
+        engine = self._deferred_engine() if self.deferred else None
+        if engine is not None:
+            return {**engine.supply(), **self._standardize_rest(engine)}
+        return self._standardize_all()
+
+    def _standardize_all(self) -> dict[WSMixin, Tensor]:
         if self.backend == "cuda_graph":
             graphed = self._standardize_graphed()
             if graphed is not None:
@@ -192,6 +209,24 @@ class BatchedWS:
                 self._numba = _numba_plan(self._groups, kernel)
             return _run_numba_plan(self._numba, kernel, self.concat)
         return batched_standardize(self._groups, self.backend, self.concat)
+
+    def _deferred_engine(self) -> DeferredWS | None:
+        """The deferred engine for this forward; None where it cannot run (then the autograd pass runs): under
+        torch.compile, torch.func, forward-mode AD, jit.trace or a CUDA graph capture, or with no engine."""
+        if torch.compiler.is_compiling() or _kernel_function_unusable():
+            return None
+        engine = self._deferred
+        if engine is None or (engine is not False and not engine.usable()):
+            engine = self._deferred = build_deferred(self._layers, self._groups) or False
+        if engine is False or (engine.inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+            return None
+        return engine
+
+    def _standardize_rest(self, engine: DeferredWS) -> dict[WSMixin, Tensor]:
+        """The layers the deferred engine leaves to the autograd pass."""
+        if not engine.rest:
+            return {}
+        return batched_standardize(engine.rest, "torch" if self.backend == "cuda_graph" else self.backend, self.concat)
 
     def _graph_inputs(self) -> list[Tensor]:
         extra = [t for m in self._layers for t in (m.gain, m.shift) if t is not None]
@@ -227,6 +262,8 @@ class BatchedWS:
         state = self.__dict__.copy()
         state["_graph"] = None  # CUDA graphs are neither copyable nor picklable: a copy captures its own
         state["_numba"] = None  # holds the weights: a copy must plan with its own
+        state["_deferred"] = None  # the same, and the leaves' hooks
+        state["_engine_now"] = None
         return state
 
     # the hooks run every step: they set the layers' supplied weight directly (what set_standardized_weight does,
@@ -234,13 +271,21 @@ class BatchedWS:
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self.paused:
             return
+        self._check_plan()
+        # deferred: the engine sets its layers' leaves itself (persistent tensors: no version, and the kept weight for
+        # checkpointing is set when they are recomputed); the rest as below
+        engine = self._engine_now = self._deferred_engine() if self.deferred else None
+        if engine is not None:
+            engine.supply()
+        layers = self._layers if engine is None else engine.rest_layers
         if torch.is_grad_enabled():  # (a no-grad forward's weights could not serve a recomputation: keep the last)
-            for layer in self._layers:  # the last forward's kept weights go first: not alive next to this forward's own
+            for layer in layers:  # the last forward's kept weights go first: not alive next to this forward's own
                 _supply(layer, "_ws_last", None)
         # with the weight and its version counter, so a supply left behind by an interrupted forward is recognised as
         # stale (WSMixin._valid_supply); not while torch.compile traces: versions are symbolic there (graph breaks)
         track = not torch.compiler.is_compiling()
-        for layer, w in self.standardize().items():
+        supplies = self._standardize_all() if engine is None else self._standardize_rest(engine)
+        for layer, w in supplies.items():
             _supply(layer, "_ws_supplied", w)
             if track:
                 _supply(layer, "_ws_supplied_version", layer._ws_version())
@@ -249,7 +294,13 @@ class BatchedWS:
         if self.paused:
             return
         keep = torch.is_grad_enabled()
-        for layer in self._layers:
+        engine, self._engine_now = self._engine_now, None
+        layers = self._layers
+        if engine is not None:
+            for layer in engine.layers:
+                _supply(layer, "_ws_supplied", None)
+            layers = engine.rest_layers
+        for layer in layers:
             # for activation checkpointing's recomputation during backward (WSMixin._valid_supply); none left: a
             # nested model's pass (the forward of a backbone with its own) took it back after keeping its own
             if keep and layer._ws_supplied is not None:
@@ -281,7 +332,8 @@ def find_handle(model: nn.Module) -> BatchedWS | None:
     return None
 
 
-def enable_batched_ws(model: nn.Module, *, backend: str = "auto", concat: bool | None = None) -> BatchedWS:
+def enable_batched_ws(model: nn.Module, *, backend: str = "auto", concat: bool | None = None,
+                      deferred: bool = False) -> BatchedWS:  # fmt: skip
     """Standardize all WS weights of ``model`` in one pass per forward of ``model``.
 
     Args:
@@ -295,19 +347,30 @@ def enable_batched_ws(model: nn.Module, *, backend: str = "auto", concat: bool |
         concat: torch backend only: one cat + standardize + split per group (True) or each layer's rows
             standardized in place within the pass (False). None: True on GPUs (launch-bound), False on the CPU,
             where the copies in and out cost more than the saved dispatches.
+        deferred: the standardized weights become persistent leaf tensors that the kernels overwrite in place, and
+            every WS weight's gradient is computed in one call when ``backward()`` ends (numba kernels on a CPU,
+            the captured graphs on CUDA; elsewhere, and for layers those cannot take, the pass as above). Saves
+            the per-step cost of handing fresh weights through autograd. The WS parameters then leave the autograd
+            graph: ``torch.autograd.grad`` w.r.t. them, ``create_graph=True`` and DistributedDataParallel are not
+            supported (:mod:`torchws._deferred`).
 
     Returns:
         The :class:`BatchedWS` handle; ``handle.remove()`` or :func:`disable_batched_ws` undoes it. Enabling twice
         returns the existing handle (with the new backend).
     """
+    if deferred and isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        raise ValueError(
+            "enable_batched_ws: deferred=True cannot work under DistributedDataParallel/DataParallel (the WS "
+            "parameters' gradients would bypass its reducer); use deferred=False"
+        )
     handle = find_handle(model)
     if handle is not None:
         if backend not in BACKENDS:
             raise ValueError(f"enable_batched_ws: backend must be one of {BACKENDS}, got {backend!r}")
-        handle.backend, handle.concat = backend, concat
+        handle.backend, handle.concat, handle.deferred = backend, concat, deferred
         handle.refresh()
         return handle
-    return BatchedWS(model, backend, concat)
+    return BatchedWS(model, backend, concat, deferred)
 
 
 def disable_batched_ws(model: nn.Module) -> bool:

@@ -41,7 +41,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["is_available", "qualifies", "multi_standardize", "make_spec", "apply_spec", "MODES"]
+__all__ = [
+    "is_available",
+    "qualifies",
+    "multi_standardize",
+    "make_spec",
+    "apply_spec",
+    "standardize_into",
+    "backward_into",
+    "pointers",
+    "MODES",
+]
 
 MODES = {"inside_sqrt": 0, "added_to_std": 1, "clamp_fan_in_var": 2}
 _DTYPES = (torch.float32, torch.float64)
@@ -249,6 +259,25 @@ def apply_spec(spec: Spec, weights: Sequence[Tensor]) -> tuple[Tensor, ...]:
     """:func:`multi_standardize` without its checks, for callers that validated ``weights`` (and built ``spec`` with
     :func:`make_spec`) once: the batched pass does so per plan, not per step."""
     return _MultiWS.apply(spec, *weights)
+
+
+def standardize_into(spec: Spec, weights: np.ndarray, out: np.ndarray, r: np.ndarray, k: np.ndarray) -> None:
+    """The forward kernel without autograd: standardize the tensors at ``weights`` (a :func:`pointers` table) into
+    the tensors at ``out`` (same shapes and layouts), and fill the per-row ``r`` and ``k`` (float64,
+    ``spec.num_rows``) that :func:`backward_into` needs. The caller keeps every tensor alive and dense-rowed."""
+    _launch(_kernels()[0], spec, (weights, out), (r, k), spec.mode, spec.unbiased, spec.eps)
+
+
+def backward_into(spec: Spec, grads: np.ndarray, ys: np.ndarray, out: np.ndarray, r: np.ndarray, k: np.ndarray) -> None:
+    """The backward kernel without autograd: weight gradients into the tensors at ``out`` from the gradients at
+    ``grads`` w.r.t. the standardized tensors at ``ys`` (what :func:`standardize_into` wrote, with its ``r``, ``k``);
+    every gradient laid out like its ``y``."""
+    _launch(_kernels()[1], spec, (grads, ys, out), (r, k))
+
+
+def pointers(tensors: Sequence[Tensor]) -> np.ndarray:
+    """The table of data pointers :func:`standardize_into` and :func:`backward_into` read."""
+    return _pointers(tensors)
 
 
 def multi_standardize(

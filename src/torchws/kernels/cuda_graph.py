@@ -115,6 +115,21 @@ class GraphedPass:
     def __call__(self) -> list[Tensor]:
         return list(_Replay.apply(self, *self.inputs))
 
+    def replay_backward(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
+        """Gradients w.r.t. the inputs for ``grads`` w.r.t. the outputs of the last forward replay (None: zeros),
+        in one fresh buffer (views laid out like the inputs): nothing returned aliases graph memory."""
+        dst, src = [], []
+        for static, g in zip(self.static_grad_outputs, grads):
+            if g is None:
+                static.zero_()
+            elif g.data_ptr() != static.data_ptr():
+                dst.append(static)
+                src.append(g)
+        if dst:
+            torch._foreach_copy_(dst, src)  # one multi-tensor copy of the incoming gradients
+        self.backward_graph.replay()
+        return self.unflatten(self.static_flat_grad.clone())
+
     @property
     def nbytes(self) -> int:
         """Graph-owned bytes of the static outputs, incoming and outgoing gradients (saved tensors excluded)."""
@@ -132,15 +147,4 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor | None) -> tuple:
-        runner: GraphedPass = ctx.runner
-        dst, src = [], []
-        for static, g in zip(runner.static_grad_outputs, grads):
-            if g is None:
-                static.zero_()
-            elif g.data_ptr() != static.data_ptr():
-                dst.append(static)
-                src.append(g)
-        if dst:
-            torch._foreach_copy_(dst, src)  # one multi-tensor copy of the incoming gradients
-        runner.backward_graph.replay()
-        return (None, *runner.unflatten(runner.static_flat_grad.clone()))
+        return (None, *ctx.runner.replay_backward(grads))

@@ -1,0 +1,268 @@
+"""Deferred WS backward: standardized weights as persistent leaf tensors, pushed through WS when backward ends.
+
+Part of :mod:`torchws.batched` (``enable_batched_ws(model, deferred=True)``). Every pass that hands its layers fresh
+weight tensors through autograd pays for that on every step, before any math: one autograd node with an edge per
+weight, the outputs' allocation, the gradients routed back through that node (``pass_floor`` in
+``benchmarks/RESULTS.md``: 2-4% of a CIFAR ResNet-20 micro-batch step on a CPU). Here the layers read persistent leaf
+tensors that the kernels overwrite in place; their gradients accumulate like any parameter's, and the first one to
+arrive queues a callback on the autograd engine that runs when the backward ends and computes every weight
+gradient in one call: ``dL/dW = J^T dL/dW_hat`` with the same kernels as the autograd pass (the numba kernels on a
+CPU, the captured backward CUDA graph of :mod:`torchws.kernels.cuda_graph` on a GPU), so the gradients are the
+same numbers.
+
+What changes for the user (why it is opt-in):
+    * the WS parameters are not in the autograd graph: their gradients reach ``.grad`` when ``backward()`` returns
+      (added to what is there, like any backward), and ``torch.autograd.grad(loss, params)`` w.r.t. them raises
+      "One of the differentiated Tensors appears to not have been used in the graph";
+    * ``backward(create_graph=True)`` reaching a deferred layer raises (the push is not differentiable);
+    * not under DistributedDataParallel: its reducer waits for the parameters' own gradient hooks (the trainer
+      uses it in single-process runs only);
+    * a parameter hook (``weight.register_hook``) does not fire; a hook on ``layer.weight.grad`` after backward
+      sees the final gradient as usual.
+
+When the leaves are recomputed: at every forward of the root model, except while a grad-enabled forward's leaves
+still wait for their backward and nothing changed since (two forwards, one backward: both must see the same
+leaves). "Changed" is a weight's version counter or any optimizer's ``step()`` (a global optimizer hook: fused
+optimizers do not bump version counters). If the weights did change while a backward is pending, the pending graph's
+leaves are retired and the forward gets new ones; a backward through a retired leaf raises, as autograd does for a
+weight modified in place between its forward and backward. Edits through ``.data`` between two forwards that share
+one backward are not seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from torchws._plan import _Group
+from torchws.layers.ws import WSMixin
+
+__all__ = ["DeferredWS", "build_deferred"]
+
+_set = object.__setattr__  # the layers' supply attributes, set without nn.Module.__setattr__'s checks (every step)
+
+_OPTIMIZER_STEPS = [0]  # every optimizer step() in the process (global post-step hook, registered on first use)
+_optimizer_hook = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _watch_optimizers() -> None:
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+def _bump_versions(tensors: Sequence[Tensor]) -> None:
+    """Mark ``tensors`` modified in place (written through pointers or by a graph replay, which autograd cannot see)."""
+    try:
+        torch.autograd.graph.increment_version(tensors)  # one C++ call for the whole list (PyTorch >= 2.6)
+    except TypeError:
+        for t in tensors:
+            torch.autograd.graph.increment_version(t)
+
+
+class _Generation:
+    """The post-accumulate-grad hook of one set of leaves; retired when the leaves are replaced during a pending
+    backward (weights changed between a forward and its backward)."""
+
+    __slots__ = ("engine", "retired")
+
+    def __init__(self, engine: DeferredWS) -> None:
+        self.engine, self.retired = engine, False
+
+    def __call__(self, leaf: Tensor) -> None:
+        if self.retired:
+            leaf.grad = None
+            raise RuntimeError(
+                "deferred WS: a weight was changed (optimizer step or in-place edit) between a forward and its "
+                "backward; that backward's standardized weights are gone. Run backward before changing the weights."
+            )
+        engine = self.engine
+        if not engine._queued:
+            engine._queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(engine._push)
+
+
+class DeferredWS:
+    """Persistent standardized-weight leaves of ``layers`` computed from ``inputs`` (see the module docstring).
+
+    Subclasses fill ``self._buffers`` (one tensor per layer, what the kernels write) and implement ``_compute`` and
+    ``_backward``; ``rest`` are the groups left to the autograd pass.
+    """
+
+    def __init__(self, layers: Sequence[WSMixin], inputs: Sequence[Tensor], buffers: Sequence[Tensor],
+                 rest: Sequence[_Group] = ()) -> None:  # fmt: skip
+        self.layers = tuple(layers)
+        self.inputs = tuple(inputs)
+        self.rest = list(rest)
+        self.rest_layers = tuple(m for g in self.rest for m in g.layers)
+        self._buffers = tuple(buffers)
+        self._versions: list[int] | None = None
+        self._steps = -1
+        self._in_flight = False
+        self._queued = False
+        self._generation = _Generation(self)
+        self.leaves = self._make_leaves()
+        _watch_optimizers()
+
+    def _make_leaves(self) -> tuple[Tensor, ...]:
+        leaves = tuple(b.detach().requires_grad_() for b in self._buffers)
+        for leaf in leaves:
+            leaf.register_post_accumulate_grad_hook(self._generation)
+        return leaves
+
+    def usable(self) -> bool:
+        """Whether the inputs still need gradients (else the plan is rebuilt)."""
+        return all(t.requires_grad for t in self.inputs)
+
+    def supply(self) -> dict[WSMixin, Tensor]:
+        """The leaves for this forward, recomputed unless a pending backward still needs them unchanged."""
+        versions = [t._version for t in self.inputs]
+        if not (self._in_flight and versions == self._versions and _OPTIMIZER_STEPS[0] == self._steps):
+            if self._in_flight:  # changed under a pending backward: that graph keeps (and must not use) the old
+                self._generation.retired = True
+                self._generation = _Generation(self)
+                self.leaves = self._make_leaves()
+                self._queued = False
+            with torch.no_grad():
+                self._compute()
+            _bump_versions(self.leaves)  # a graph still holding them (retain_graph) sees the change
+            self._versions, self._steps = versions, _OPTIMIZER_STEPS[0]
+            for layer, leaf in zip(self.layers, self.leaves):
+                # what a non-reentrant checkpoint's recomputation during backward uses (WSMixin._valid_supply)
+                _set(layer, "_ws_last", leaf)
+                _set(layer, "_ws_last_version", layer._ws_version())
+                _set(layer, "_ws_supplied_version", None)
+        if torch.is_grad_enabled():
+            self._in_flight = True
+        for layer, leaf in zip(self.layers, self.leaves):
+            _set(layer, "_ws_supplied", leaf)  # no version: persistent; the root's forward hook takes it back
+        return dict(zip(self.layers, self.leaves))
+
+    def _push(self) -> None:
+        """Engine callback at the end of a backward: the leaves' gradients through WS into the inputs' ``.grad``."""
+        self._queued = False
+        self._in_flight = False
+        grads = [leaf.grad for leaf in self.leaves]
+        for leaf in self.leaves:
+            leaf.grad = None
+        if all(g is None for g in grads):
+            return
+        if any(g is not None and g.requires_grad for g in grads):
+            raise RuntimeError(
+                "deferred WS: backward(create_graph=True) through a deferred WS layer is not supported; use "
+                "enable_batched_ws(model, deferred=False) for higher-order gradients"
+            )
+        with torch.no_grad():
+            for p, d in zip(self.inputs, self._backward(grads)):
+                if d is None:
+                    continue
+                if p.grad is None:
+                    p.grad = d
+                else:
+                    p.grad.add_(d)
+
+    def _compute(self) -> None:  # pragma: no cover (abstract)
+        raise NotImplementedError
+
+    def _backward(self, grads: list[Tensor | None]) -> list[Tensor | None]:  # pragma: no cover (abstract)
+        raise NotImplementedError
+
+
+class _NumbaDeferred(DeferredWS):
+    """CPU: the numba multi-tensor kernels, one call per (preset, eps, dtype) each way."""
+
+    def __init__(self, launches: list, rest: Sequence[_Group], kernel) -> None:
+        self._kernel = kernel
+        layers = [m for ls, _, _ in launches for m in ls]
+        weights = [w for _, ws, _ in launches for w in ws]
+        super().__init__(layers, weights, [torch.empty_like(w) for w in weights], rest)
+        self._launches = []
+        start = 0
+        for ls, ws, spec in launches:
+            part = slice(start, start + len(ls))
+            start = part.stop
+            r, k = np.empty(spec.num_rows), np.empty(spec.num_rows)
+            self._launches.append((part, tuple(ws), spec, kernel.pointers(self._buffers[part]), r, k))
+
+    def _compute(self) -> None:
+        kernel = self._kernel
+        for _, ws, spec, ys, r, k in self._launches:
+            kernel.standardize_into(spec, kernel.pointers(ws), ys, r, k)  # weights' pointers: `.data = ...` moves them
+
+    def _backward(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        kernel = self._kernel
+        out: list[Tensor | None] = []
+        for part, _, spec, ys, r, k in self._launches:
+            bufs, gs_in = self._buffers[part], grads[part]
+            gs = [
+                torch.zeros_like(y) if g is None else g if g.stride() == y.stride() else torch.empty_like(y).copy_(g)
+                for g, y in zip(gs_in, bufs)
+            ]
+            dxs = [torch.empty_like(y) for y in bufs]
+            kernel.backward_into(spec, kernel.pointers(gs), ys, kernel.pointers(dxs), r, k)
+            out += [None if g is None else dx for g, dx in zip(gs_in, dxs)]
+        return out
+
+
+class _GraphDeferred(DeferredWS):
+    """CUDA: the torch pass captured as a forward and a backward CUDA graph (one replay each way)."""
+
+    def __init__(self, layers: Sequence[WSMixin], groups: Sequence[_Group], inputs: Sequence[Tensor]) -> None:
+        from torchws.batched import _parameters_swapped, batched_standardize
+        from torchws.kernels.cuda_graph import GraphedPass
+
+        def run(tensors: list[Tensor]) -> list[Tensor]:
+            with _parameters_swapped(layers, tensors):
+                out = batched_standardize(groups, "torch", concat=True)
+            return [out[m] for m in layers]
+
+        with torch.enable_grad():
+            self._graph = GraphedPass(run, inputs)
+        super().__init__(layers, inputs, self._graph.static_outputs)
+        self._pointers = [t.data_ptr() for t in self.inputs]
+
+    def usable(self) -> bool:
+        # identity, shapes, strides and dtypes are the batched pass's plan check; storage moves (``.to()``,
+        # ``.data =``) are seen here (the full graph_signature per step costs ~50 us of host time on ResNet-50)
+        return super().usable() and [t.data_ptr() for t in self.inputs] == self._pointers
+
+    def _compute(self) -> None:
+        self._graph.forward_graph.replay()
+
+    def _backward(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        # per input (weights, then gains and shifts); a layer without a gradient gives zeros, not None, here
+        return list(self._graph.replay_backward(grads))
+
+
+def build_deferred(layers: Sequence[WSMixin], groups: Sequence[_Group]) -> DeferredWS | None:
+    """The deferred engine for ``layers`` (the batched pass's plan), or None where none applies: numba on a CPU (layers
+    without gain, shift or transposition whose weight needs a gradient; the rest stay on the autograd pass), the
+    captured graphs on CUDA (every layer; all inputs of one dtype, all needing gradients)."""
+    from torchws._backends import _cpu_kernels, _make_groups, _numba_plan
+
+    if not layers:
+        return None
+    devices = {m.weight.device.type for m in layers}
+    if devices == {"cpu"}:
+        kernel = _cpu_kernels()
+        if kernel is None:
+            return None
+        frozen = [m for m in layers if not m.weight.requires_grad]
+        plan = _numba_plan(_make_groups([m for m in layers if m.weight.requires_grad]), kernel)
+        if not plan.launches:
+            return None
+        return _NumbaDeferred(plan.launches, [*plan.rest, *_make_groups(frozen)], kernel)
+    if devices == {"cuda"}:
+        inputs = [*(m.weight for m in layers), *(t for m in layers for t in (m.gain, m.shift) if t is not None)]
+        if not all(t.requires_grad for t in inputs) or len({t.dtype for t in inputs}) != 1:
+            return None
+        return _GraphDeferred(layers, groups, inputs)
+    return None
