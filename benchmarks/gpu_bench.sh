@@ -20,7 +20,7 @@ check=${PIPESTATUS[0]}
 bash benchmarks/gpu_stream_check.sh 2>&1 | tee "$OUT/gpu_stream_check.txt"  # cuda_graph backend: one stream
 # authors and batched_triton: measured in session 1 (2.1-2.3x, 1.07-1.18x); left out to fit the device time
 VARIANTS=${VARIANTS:-gn,timm,torchws,batched,batched_graph,deferred,folded}
-timeout 300 "$PY" benchmarks/bench_ws.py --device cuda --variants "$VARIANTS" --budget-s 14 --reps 60 \
+timeout 240 "$PY" benchmarks/bench_ws.py --device cuda --variants "$VARIANTS" --budget-s 10 --reps 60 \
   --out "$OUT/gpu_bench.json" 2>&1 \
   | tee "$OUT/gpu_bench.txt"
 bench=${PIPESTATUS[0]}
