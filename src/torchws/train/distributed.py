@@ -12,7 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "cleanup_distributed", "init_distributed", "pick_device"]
+__all__ = [
+    "DistInfo",
+    "all_reduce_max",
+    "all_reduce_sum",
+    "barrier",
+    "cleanup_distributed",
+    "init_distributed",
+    "pick_device",
+]
 
 
 @dataclass(frozen=True)
@@ -77,3 +85,18 @@ def all_reduce_sum(values: list[float], info: DistInfo, device: torch.device) ->
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_max(value: int, info: DistInfo, device: torch.device) -> int:
+    """The largest of the ranks' ``value`` (identity when not distributed)."""
+    if not info.enabled:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    """Wait for every rank (nothing when not distributed)."""
+    if info.enabled:
+        dist.barrier()

@@ -6,7 +6,13 @@ holds ``config.yaml``, ``metrics.jsonl``, ``summary.json``, ``curves.png``, ``la
 deterministic mode: the loaders are functions of (seed, epoch), so restoring the epoch, the optimizer steps done in
 it, the weights, optimizer, schedule and RNG states is all it takes. A run that does not continue the dir's own
 ``last.pt`` refuses a dir holding another run's results unless ``overwrite`` (then it removes them); files are
-replaced atomically (``atomic.py``).
+replaced atomically (``atomic.py``), and temp files a killed write left behind are removed when a run starts.
+
+SIGTERM (a scheduler, a preemption) and SIGINT (Ctrl-C) stop the run at the next optimizer-step boundary: the step
+in progress finishes, ``last.pt`` is written and ``run`` raises ``RunTerminated`` (a SystemExit with status 143) or
+``RunInterrupted`` (a KeyboardInterrupt; the CLI exits with 130). A signal during the last step of an epoch or during
+evaluation lets that epoch end first (evaluation, epoch record, checkpoint). Under DDP the ranks agree on the stop
+step (one tiny all-reduce per step), rank 0 alone writes, and every rank stops at the same step.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,9 +36,9 @@ from torchws.data import TensorSplits
 from torchws.layers import WSMixin
 
 from . import checkpoint as ckpt
-from .atomic import atomic_write_text
+from .atomic import atomic_write_text, remove_stale_temp_files
 from .config import TrainConfig, save_config
-from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, init_distributed
+from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from .errors import CheckpointError, ConfigError, RunDirError
 from .inputs import Inputs, build_inputs, build_model
 from .metrics import MetricsLogger, format_table
@@ -37,7 +46,7 @@ from .plots import plot_curves
 from .schedule import LRSchedule, scaled_lr
 from .step import StepStats, train_step
 
-__all__ = ["evaluate", "train", "Trainer"]
+__all__ = ["RunInterrupted", "RunTerminated", "evaluate", "train", "Trainer"]
 
 
 def train(cfg: TrainConfig, *, splits: TensorSplits | None = None, echo: bool = True) -> dict[str, Any]:
@@ -45,7 +54,7 @@ def train(cfg: TrainConfig, *, splits: TensorSplits | None = None, echo: bool = 
 
     splits: in-memory data to train on instead of ``cfg.dataset`` (tests, the demo). echo: rank 0 prints progress.
     Raises TrainError subclasses (ConfigError, CheckpointError, RunDirError) and torchws.data's dataset errors for
-    bad input, before anything is written.
+    bad input, before anything is written; RunTerminated / RunInterrupted after SIGTERM / SIGINT saved ``last.pt``.
     """
     cfg.validate()
     try:
@@ -58,6 +67,9 @@ def train(cfg: TrainConfig, *, splits: TensorSplits | None = None, echo: bool = 
         summary = Trainer(cfg, info, device, splits, echo).run()
         finished = True
         return summary
+    except (RunTerminated, RunInterrupted):
+        finished = True  # every rank stopped at the same step and met at a barrier: no communication in flight
+        raise
     finally:
         torch.use_deterministic_algorithms(previous)
         cleanup_distributed(info, synchronize=finished)
@@ -151,6 +163,68 @@ def _check_ws_backend(backend: str, model: nn.Module, device: torch.device) -> N
                           "installed); use --ws-backend auto or torch")  # fmt: skip
 
 
+class RunTerminated(SystemExit):
+    """SIGTERM stopped the run at a step boundary, after ``checkpoint`` (None: --no-save-checkpoints) was written.
+
+    A SystemExit with code 143 (128 + SIGTERM, what a shell reports for a process SIGTERM killed): uncaught, it ends
+    the process as the signal would have, but with the run saved. ``message`` says where it stopped and how to go on.
+    """
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.message, self.checkpoint = message, checkpoint
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) stopped the run at a step boundary, after ``checkpoint`` (None: --no-save-checkpoints) was
+    written. A KeyboardInterrupt, so code that handled Ctrl-C before goes on working; the CLI exits with 130."""
+
+    def __init__(self, message: str, checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.message, self.checkpoint = message, checkpoint
+
+
+class _StopSignals:
+    """While entered, SIGTERM and SIGINT only record a request to stop, which ``poll`` reports at a step boundary.
+
+    Installed from the main thread only (Python runs handlers there; elsewhere ``signal.signal`` raises) and only over
+    Python-level handlers that are not SIG_IGN (a job started with SIGINT ignored keeps ignoring it); the previous
+    handlers come back on exit. A Ctrl-C after the first signal raises KeyboardInterrupt at once (the way out of a long
+    save; under DDP the other ranks then fail instead of stopping cleanly). Later SIGTERMs are ignored: under torchrun
+    a worker can get one from the scheduler and another forwarded by torchrun.
+    """
+
+    def __init__(self, info: DistInfo, device: torch.device) -> None:
+        self.info, self.device = info, device
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(signum) not in (None, signal.SIG_IGN):  # None: set from C, cannot be restored
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+
+    def poll(self) -> int | None:
+        """The signal to stop for, or None. Under DDP a collective (every rank calls it at the same points): the
+        ranks stop together when any of them got a signal."""
+        if not self.info.enabled:
+            return self.received
+        return all_reduce_max(self.received or 0, self.info, self.device) or None
+
+
 class Trainer:
     """State of one run; built by ``train``. Everything that can fail on user input happens in ``__init__``."""
 
@@ -189,6 +263,8 @@ class Trainer:
                                    [m * self.steps_per_epoch for m in cfg.milestones], cfg.gamma)  # fmt: skip
         self.epoch, self.batch_in_epoch, self.step, self.best_acc = 0, 0, 0, -1.0
         self.history: list[dict[str, Any]] = []
+        self.stop_signal: int | None = None  # SIGTERM / SIGINT once the ranks agreed to stop
+        self.saved_step: int | None = None  # the step last.pt was written at by this run
         if state is not None:
             self._restore(state, resume)  # type: ignore[arg-type]
         self.wrapped: nn.Module = self.model
@@ -229,6 +305,7 @@ class Trainer:
         logger = None
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(self.run_dir)  # left by a write that was killed
             if not self.continues:
                 self._remove_stale_files()
             save_config(cfg, self.run_dir / "config.yaml")
@@ -238,21 +315,30 @@ class Trainer:
                     f" process(es) x {cfg.batch_size} x {cfg.accum_steps} accum = {self.total_batch} per step, "
                     f"peak lr {self.schedule.peak_lr:.4g}, {self.total_steps} steps")  # fmt: skip
         train_time, train_images = 0.0, 0
-        try:
-            while self.epoch < cfg.epochs and self.step < self.total_steps:
-                record, seconds = self._train_epoch(logger)
-                train_time += seconds
-                train_images += record.pop("_images")
-                finished = self.batch_in_epoch == 0  # False when max_steps stopped the epoch early
-                last = self.step >= self.total_steps or self.epoch >= cfg.epochs
-                if last or (finished and self.epoch % cfg.eval_every == 0):
-                    record["test_loss"], record["test_acc"] = evaluate(self.model, self.inputs.test, self.device,
-                                                                       self.info, cfg.channels_last, cfg.bf16)
-                self._end_epoch(record, logger)
-        finally:
-            if logger is not None:
-                logger.close()
-        return self._finish(train_time, train_images)
+        with _StopSignals(self.info, self.device) as signals:
+            try:
+                while self.epoch < cfg.epochs and self.step < self.total_steps:
+                    self.stop_signal = signals.poll()  # one that came during evaluation or a checkpoint write
+                    if self.stop_signal is not None:
+                        break
+                    record, seconds = self._train_epoch(logger, signals)
+                    train_time += seconds
+                    train_images += record.pop("_images")
+                    finished = self.batch_in_epoch == 0  # False when max_steps or a signal stopped the epoch early
+                    last = self.step >= self.total_steps or self.epoch >= cfg.epochs
+                    if self.stop_signal is None and (last or (finished and self.epoch % cfg.eval_every == 0)):
+                        record["test_loss"], record["test_acc"] = evaluate(self.model, self.inputs.test,
+                                                                           self.device, self.info, cfg.channels_last,
+                                                                           cfg.bf16)  # fmt: skip
+                    self._end_epoch(record, logger)
+                    if self.stop_signal is not None:
+                        break
+            finally:
+                if logger is not None:
+                    logger.close()
+            if self.stop_signal is not None:
+                self._stop(self.stop_signal)
+            return self._finish(train_time, train_images)  # a signal after the last step: the run completes
 
     def _remove_stale_files(self) -> None:
         """A new run in a dir that held another one (--overwrite): drop that run's checkpoints and results, so none
@@ -262,16 +348,16 @@ class Trainer:
             if path.exists() and not (self.resume_source is not None and os.path.samefile(path, self.resume_source)):
                 path.unlink()
 
-    def _train_epoch(self, logger: MetricsLogger | None) -> tuple[dict[str, Any], float]:
+    def _train_epoch(self, logger: MetricsLogger | None, signals: _StopSignals) -> tuple[dict[str, Any], float]:
         cfg, loader = self.cfg, self.inputs.train
         loader.set_epoch(self.epoch)  # type: ignore[attr-defined]
         batches = iter(loader)  # type: ignore[call-overload]
         skip, stats = self.batch_in_epoch, StepStats()
-        stop = min(self.steps_per_epoch, skip + self.total_steps - self.step)
-        bar = _progress(cfg.progress and self.echo, stop, skip, f"epoch {self.epoch + 1}/{cfg.epochs}")
+        end = min(self.steps_per_epoch, skip + self.total_steps - self.step)
+        bar = _progress(cfg.progress and self.echo, end, skip, f"epoch {self.epoch + 1}/{cfg.epochs}")
         self.model.train()
         start = time.perf_counter()
-        for index in range(stop):
+        for index in range(end):
             micro = [next(batches) for _ in range(cfg.accum_steps)]
             if index < skip:  # resumed mid-epoch: replay the loader so its random stream stays in step
                 continue
@@ -289,6 +375,10 @@ class Trainer:
             if logger is not None and self.step % cfg.log_every == 0:
                 logger.log("train_step", step=self.step, epoch=self.epoch, lr=lr,
                            loss=stats.loss_sum / stats.images, images_per_s=rate)  # fmt: skip
+            if index + 1 < end:  # after the epoch's last step, run() polls once the epoch has ended
+                self.stop_signal = signals.poll()
+                if self.stop_signal is not None:
+                    break
         seconds = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -320,6 +410,25 @@ class Trainer:
             if is_best:  # before last.pt: a kill in between must not leave a best_acc whose model is nowhere
                 ckpt.atomic_save(state, self.run_dir / "best.pt")
             ckpt.atomic_save(state, self.run_dir / "last.pt")
+            self.saved_step = self.step
+
+    def _stop(self, signum: int) -> None:
+        """End a run that ``signum`` stopped at a step boundary: rank 0 makes sure last.pt holds this step and says
+        how to continue; every rank waits for it, then raises RunTerminated (SIGTERM) or RunInterrupted (SIGINT)."""
+        path = self.run_dir / "last.pt" if self.cfg.save_checkpoints else None
+        if self.info.is_main and path is not None and self.saved_step != self.step:
+            ckpt.atomic_save(self._state(), path)
+            self.saved_step = self.step
+        name = signal.Signals(signum).name
+        where = (f"saved {path}; to continue, run the same command with --resume auto" if path is not None else
+                 "no checkpoint (--no-save-checkpoints), so the run cannot be continued")  # fmt: skip
+        message = f"{name}: stopped after step {self.step} of {self.total_steps}; {where}"
+        if self.echo:
+            print(f"torchws: {message}", file=sys.stderr, flush=True)
+        barrier(self.info)  # no rank exits before last.pt is complete (torchrun stops the rest when one exits)
+        if signum == signal.SIGINT:
+            raise RunInterrupted(message, path)
+        raise RunTerminated(message, path)
 
     def _finish(self, train_time: float, train_images: int) -> dict[str, Any]:
         final = next((r for r in reversed(self.history) if "test_acc" in r), {})
