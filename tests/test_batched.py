@@ -492,3 +492,25 @@ def test_deferred_graph_engine_matches_per_layer_over_sgd_steps():
         for p, q in zip(ref.parameters(), model.parameters()):
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
     assert type(handle._deferred).__name__ == "_GraphDeferred"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_deferred_triton_engine_matches_per_layer_over_sgd_steps(channels_last):
+    torch.manual_seed(0)
+    ref, model = _pair()
+    ref, model = ref.cuda(), model.cuda()
+    if channels_last:
+        ref, model = ref.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
+    handle = enable_batched_ws(model, deferred=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
+    for step in range(4):
+        x = torch.randn(2, 3, 8, 8, device="cuda")
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad(set_to_none=step % 2 == 0)
+            m(x).square().mean().backward()
+            opt.step()
+        for p, q in zip(ref.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    assert type(handle._deferred).__name__ == "_TritonDeferred"

@@ -242,27 +242,131 @@ class _GraphDeferred(DeferredWS):
         return list(self._graph.replay_backward(grads))
 
 
-def build_deferred(layers: Sequence[WSMixin], groups: Sequence[_Group]) -> DeferredWS | None:
-    """The deferred engine for ``layers`` (the batched pass's plan), or None where none applies: numba on a CPU (layers
-    without gain, shift or transposition whose weight needs a gradient; the rest stay on the autograd pass), the
-    captured graphs on CUDA (every layer; all inputs of one dtype, all needing gradients)."""
+def _dense_strides(w: Tensor) -> tuple[int, ...] | None:
+    """``w``'s strides if its rows are dense in memory (contiguous, channels_last), else None."""
+    if w.is_contiguous():
+        return w.stride()
+    if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
+        return w.stride()
+    if w.dim() == 5 and w.is_contiguous(memory_format=torch.channels_last_3d):
+        return w.stride()
+    return None
+
+
+class _TritonDeferred(DeferredWS):
+    """GPUs: the Triton multi-tensor kernels, one launch per (preset, eps, dtype) each way, over flat buffers
+    allocated once: the weights are copied in (one multi-tensor copy), the kernel writes the leaves' flat buffer,
+    and backward copies the leaves' gradients into one more (another multi-tensor copy). Every weight keeps its
+    memory layout: its rows are read in memory order (a row's statistics do not depend on the order), so a
+    channels_last weight's leaf is channels_last too."""
+
+    def __init__(self, buckets: dict[tuple, list[WSMixin]], rest: Sequence[_Group]) -> None:
+        from torchws.kernels import packing, triton_ws
+
+        self._kernel = triton_ws
+        layers, buffers, self._launches = [], [], []
+        for (preset, eps, _), members in buckets.items():
+            weights = [m.weight for m in members]
+            plan = packing.build_plan([w.shape for w in weights], weights[0].dtype, weights[0].device)
+            x, y, g = (torch.empty(plan.total, dtype=plan.dtype, device=plan.device) for _ in range(3))
+            stats = torch.empty(3, plan.num_rows, dtype=torch.float32, device=plan.device)
+            layout = [(w.shape, w.stride(), start) for w, start in zip(weights, _starts(plan.numels))]
+            views = [[flat.as_strided(*shape_stride_offset) for shape_stride_offset in layout] for flat in (x, y, g)]
+            config = dict(mode=preset.eps_placement, eps=float(eps), unbiased=preset.variance == "unbiased")
+            self._launches.append((len(layers), len(members), plan, x, y, g, stats, views[0], views[2], layout, config))
+            layers += members
+            buffers += views[1]
+        super().__init__(layers, [m.weight for m in layers], buffers, rest)
+
+    def _compute(self) -> None:
+        k = self._kernel
+        for start, count, plan, x, y, _, stats, x_views, _, _, config in self._launches:
+            torch._foreach_copy_(x_views, self.inputs[start : start + count])
+            k.standardize_packed_into(x, y, stats, plan, **config)
+
+    def _backward(self, grads: list[Tensor | None]) -> list[Tensor | None]:
+        k = self._kernel
+        out: list[Tensor | None] = []
+        for start, count, plan, x, _, g, stats, _, g_views, layout, _ in self._launches:
+            gs = grads[start : start + count]
+            dst, src = [], []
+            for view, grad in zip(g_views, gs):
+                if grad is None:
+                    view.zero_()
+                else:
+                    dst.append(view)
+                    src.append(grad)
+            torch._foreach_copy_(dst, src)
+            dx = torch.empty_like(x)  # fresh: its views become the parameters' .grad
+            k.standardize_packed_backward_into(x, g, dx, stats, plan)
+            out += [None if grad is None else dx.as_strided(*where) for grad, where in zip(gs, layout)]
+        return out
+
+
+def _starts(numels: Sequence[int]) -> list[int]:
+    starts, total = [], 0
+    for n in numels:
+        starts.append(total)
+        total += n
+    return starts
+
+
+def _triton_buckets(layers: Sequence[WSMixin]) -> tuple[dict[tuple, list[WSMixin]], list[WSMixin]]:
+    """Layers the Triton engine takes, by (preset, eps, dtype), and the rest."""
+    buckets: dict[tuple, list[WSMixin]] = {}
+    rest = []
+    for m in layers:
+        w = m.weight
+        fits = (
+            m.gain is None
+            and m.shift is None
+            and not m.ws_transposed
+            and w.requires_grad
+            and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and m.ws_fan_in >= 2
+            and _dense_strides(w) is not None
+        )
+        if fits:
+            buckets.setdefault((m.ws_preset, m.ws_eps, w.dtype), []).append(m)
+        else:
+            rest.append(m)
+    return buckets, rest
+
+
+ENGINES = ("auto", "numba", "triton", "graph")
+
+
+def build_deferred(layers: Sequence[WSMixin], groups: Sequence[_Group], engine: str = "auto") -> DeferredWS | None:
+    """The deferred engine for ``layers`` (the batched pass's plan), or None where none applies.
+
+    ``engine``: "numba" (CPU kernels), "triton" (multi-tensor kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``),
+    "graph" (the torch pass captured as CUDA graphs; every layer, all inputs of one dtype needing gradients) or
+    "auto": numba on a CPU, triton on CUDA when it imports, else graph. The kernel engines take layers without gain,
+    shift or transposition whose weight needs a gradient; the rest stay on the autograd pass.
+    """
     from torchws._backends import _cpu_kernels, _make_groups, _numba_plan
+    from torchws.kernels import is_available
 
     if not layers:
         return None
     devices = {m.weight.device.type for m in layers}
-    if devices == {"cpu"}:
+    if len(devices) != 1:
+        return None
+    device = devices.pop()
+    if engine == "auto":
+        engine = "numba" if device == "cpu" else "triton" if device == "cuda" and is_available("cuda") else "graph"
+    if engine == "numba" and device == "cpu" and _cpu_kernels() is not None:
         kernel = _cpu_kernels()
-        if kernel is None:
-            return None
         frozen = [m for m in layers if not m.weight.requires_grad]
         plan = _numba_plan(_make_groups([m for m in layers if m.weight.requires_grad]), kernel)
-        if not plan.launches:
-            return None
-        return _NumbaDeferred(plan.launches, [*plan.rest, *_make_groups(frozen)], kernel)
-    if devices == {"cuda"}:
+        if plan.launches:
+            return _NumbaDeferred(plan.launches, [*plan.rest, *_make_groups(frozen)], kernel)
+    elif engine == "triton" and is_available(device):
+        buckets, rest = _triton_buckets(layers)
+        if buckets:
+            return _TritonDeferred(buckets, _make_groups(rest))
+    elif engine == "graph" and device == "cuda":
         inputs = [*(m.weight for m in layers), *(t for m in layers for t in (m.gain, m.shift) if t is not None)]
-        if not all(t.requires_grad for t in inputs) or len({t.dtype for t in inputs}) != 1:
-            return None
-        return _GraphDeferred(layers, groups, inputs)
+        if all(t.requires_grad for t in inputs) and len({t.dtype for t in inputs}) == 1:
+            return _GraphDeferred(layers, groups, inputs)
     return None

@@ -217,7 +217,8 @@ class BatchedWS:
             return None
         engine = self._deferred
         if engine is None or (engine is not False and not engine.usable()):
-            engine = self._deferred = build_deferred(self._layers, self._groups) or False
+            kind = {"cuda_graph": "graph", "triton": "triton", "numba": "numba"}.get(self.backend, "auto")
+            engine = self._deferred = build_deferred(self._layers, self._groups, kind) or False
         if engine is False or (engine.inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         return engine

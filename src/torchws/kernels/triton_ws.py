@@ -31,7 +31,10 @@ from torch import Tensor
 
 from torchws.kernels.packing import PackingPlan, get_plan, pack, pack_gains, split_rows, unpack
 
-__all__ = ["MODES", "multi_standardize", "standardize_packed", "standardize_packed_backward", "default_block"]
+__all__ = [
+    "MODES", "multi_standardize", "standardize_packed", "standardize_packed_backward", "standardize_packed_into",
+    "standardize_packed_backward_into", "default_block",
+]
 
 MODES = {"inside_sqrt": 0, "added_to_std": 1, "clamp_fan_in_var": 2}
 _DEFAULT_VARIANCE = {"inside_sqrt": "population", "added_to_std": "unbiased", "clamp_fan_in_var": "population"}
@@ -164,16 +167,25 @@ def standardize_packed(
     if mode not in MODES:
         raise ValueError(f"triton_ws: unknown mode {mode!r}; valid modes: {', '.join(MODES)}")
     _check_flat(x, plan, "packed input")
-    block = default_block(plan) if block is None else block
     y = torch.empty_like(x)
     stats = torch.empty(3, plan.num_rows, dtype=torch.float32, device=x.device)
+    standardize_packed_into(x, y, stats, plan, mode=mode, eps=eps, unbiased=unbiased, gain=gain, block=block)
+    return y, stats
+
+
+def standardize_packed_into(
+    x: Tensor, y: Tensor, stats: Tensor, plan: PackingPlan, *, mode: str, eps: float, unbiased: bool,
+    gain: Tensor | None = None, block: int | None = None,
+) -> None:  # fmt: skip
+    """:func:`standardize_packed` into given buffers (``y`` like ``x``, ``stats`` float32 ``(3, R)``), unchecked:
+    for callers that allocate once and launch every step (``torchws._deferred``)."""
+    block = default_block(plan) if block is None else block
     forward, _ = _kernels(x.device.type == "cpu")
     forward[(plan.num_rows,)](
         x, y, gain if gain is not None else stats, stats, plan.row_offset, plan.row_fan_in, plan.num_rows,
         float(eps), MODE=MODES[mode], UNBIASED=bool(unbiased), HAS_GAIN=gain is not None, BLOCK=block,
         num_warps=_num_warps(block),
     )  # fmt: skip
-    return y, stats
 
 
 def standardize_packed_backward(
@@ -186,16 +198,24 @@ def standardize_packed_backward(
     """
     _check_flat(x, plan, "packed input")
     _check_flat(grad, plan, "packed grad")
-    block = default_block(plan) if block is None else block
     dx = torch.empty_like(x)
     dgain = torch.empty(plan.num_rows, dtype=torch.float32, device=x.device) if gain is not None else None
+    standardize_packed_backward_into(x, grad, dx, stats, plan, gain=gain, dgain=dgain, block=block)
+    return dx, dgain
+
+
+def standardize_packed_backward_into(
+    x: Tensor, grad: Tensor, dx: Tensor, stats: Tensor, plan: PackingPlan, *, gain: Tensor | None = None,
+    dgain: Tensor | None = None, block: int | None = None,
+) -> None:  # fmt: skip
+    """:func:`standardize_packed_backward` into given buffers, unchecked (see :func:`standardize_packed_into`)."""
+    block = default_block(plan) if block is None else block
     _, backward = _kernels(x.device.type == "cpu")
     backward[(plan.num_rows,)](
         x, grad, dx, gain if gain is not None else stats, dgain if dgain is not None else stats, stats,
         plan.row_offset, plan.row_fan_in, plan.num_rows, HAS_GAIN=gain is not None, BLOCK=block,
         num_warps=_num_warps(block),
     )  # fmt: skip
-    return dx, dgain
 
 
 class _MultiStandardize(torch.autograd.Function):
