@@ -61,6 +61,41 @@ def _gpu_ms(fn, reps: int = 50) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _profile_push(engine, reps: int = 200) -> None:
+    """The push called directly (leaf gradients set by hand), timed and profiled: where its host time goes."""
+    import cProfile
+    import io
+    import pstats
+
+    grads = [torch.randn_like(leaf) for leaf in engine.leaves]
+
+    def once() -> None:
+        for leaf, g in zip(engine.leaves, grads):
+            leaf.grad = g
+        engine._push()
+        for p in engine.inputs:
+            p.grad = None
+
+    for _ in range(5):
+        once()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        once()
+    host = (time.perf_counter() - t) / reps
+    torch.cuda.synchronize()
+    print(f"  push called directly: {host * 1e3:.3f} ms host per call (incl. setting {len(grads)} leaf grads)")
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(reps):
+        once()
+    prof.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(8)
+    print("\n".join("    " + line for line in out.getvalue().splitlines() if line.strip())[:3000])
+
+
 def main() -> None:
     base = build_base("resnet50").cuda()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
@@ -70,7 +105,9 @@ def main() -> None:
         grads = [torch.randn_like(leaf) for leaf in engine.leaves]
         fwd = _gpu_ms(engine._compute)
         bwd = _gpu_ms(lambda engine=engine, grads=grads: engine._backward(grads))
-        print(f"\n{kind} ({type(engine).__name__}): GPU time alone: forward {fwd:.3f} ms, backward {bwd:.3f} ms")
+        print(f"\n{kind} ({type(engine).__name__}): GPU time alone: forward {fwd:.3f} ms, backward {bwd:.3f} ms; "
+              f"capture error: {getattr(engine, 'capture_error', None)}")  # fmt: skip
+        _profile_push(engine)
         for batch in (1, 2):
             torch.manual_seed(0)
             x = torch.randn(batch, 3, 224, 224, device="cuda")

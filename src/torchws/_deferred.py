@@ -43,7 +43,6 @@ from torchws.layers.ws import WSMixin
 
 __all__ = ["DeferredWS", "build_deferred"]
 
-_set = object.__setattr__  # the layers' supply attributes, set without nn.Module.__setattr__'s checks (every step)
 
 _OPTIMIZER_STEPS = [0]  # every optimizer step() in the process (global post-step hook, registered on first use)
 _optimizer_hook = None
@@ -103,6 +102,7 @@ class DeferredWS:
         self.inputs = tuple(inputs)
         self.rest = list(rest)
         self.rest_layers = tuple(m for g in self.rest for m in g.layers)
+        self._dicts = [m.__dict__ for m in self.layers]  # the layers' supply attributes, written every step
         self._buffers = tuple(buffers)
         self._versions: list[int] | None = None
         self._steps = -1
@@ -122,40 +122,43 @@ class DeferredWS:
         """Whether the inputs still need gradients (else the plan is rebuilt)."""
         return all(t.requires_grad for t in self.inputs)
 
-    def supply(self) -> dict[WSMixin, Tensor]:
-        """The leaves for this forward, recomputed unless a pending backward still needs them unchanged."""
-        versions = [t._version for t in self.inputs]
+    def supply(self) -> None:
+        """Hand the leaves to the layers for this forward (recomputed unless a pending backward still needs them
+        unchanged)."""
+        inputs = self.inputs
+        versions = [t._version for t in inputs]
         if not (self._in_flight and versions == self._versions and _OPTIMIZER_STEPS[0] == self._steps):
             if self._in_flight:  # changed under a pending backward: that graph keeps (and must not use) the old
                 self._generation.retired = True
                 self._generation = _Generation(self)
                 self.leaves = self._make_leaves()
                 self._queued = False
-            with torch.no_grad():
-                self._compute()
+            self._compute()  # (kernels or graph replays: no autograd graph is recorded)
             _bump_versions(self.leaves)  # a graph still holding them (retain_graph) sees the change
             self._versions, self._steps = versions, _OPTIMIZER_STEPS[0]
-            for layer, leaf in zip(self.layers, self.leaves):
-                # what a non-reentrant checkpoint's recomputation during backward uses (WSMixin._valid_supply)
-                _set(layer, "_ws_last", leaf)
-                _set(layer, "_ws_last_version", layer._ws_version())
-                _set(layer, "_ws_supplied_version", None)
+            for d, leaf, w, v in zip(self._dicts, self.leaves, inputs, versions):
+                # the leaf (no version: persistent; the root's forward hook takes it back), and the weight a
+                # non-reentrant checkpoint's recomputation during backward uses (WSMixin._valid_supply)
+                d["_ws_supplied"], d["_ws_supplied_version"] = leaf, None
+                d["_ws_last"], d["_ws_last_version"] = leaf, (w, v)
+        else:
+            for d, leaf in zip(self._dicts, self.leaves):
+                d["_ws_supplied"] = leaf
         if torch.is_grad_enabled():
             self._in_flight = True
-        for layer, leaf in zip(self.layers, self.leaves):
-            _set(layer, "_ws_supplied", leaf)  # no version: persistent; the root's forward hook takes it back
-        return dict(zip(self.layers, self.leaves))
 
     def _push(self) -> None:
         """Engine callback at the end of a backward: the leaves' gradients through WS into the inputs' ``.grad``."""
         self._queued = False
         self._in_flight = False
-        grads = [leaf.grad for leaf in self.leaves]
-        for leaf in self.leaves:
-            leaf.grad = None
-        if all(g is None for g in grads):
+        leaves = self.leaves
+        grads = [leaf.grad for leaf in leaves]
+        if all(g is None for g in grads):  # (not grads.count(None): that calls Tensor.__eq__ on each)
             return
-        if any(g is not None and g.requires_grad for g in grads):
+        for leaf in leaves:
+            leaf.grad = None
+        # grad mode is on in the callback exactly when the backward runs with create_graph=True
+        if torch.is_grad_enabled() and any(g is not None and g.requires_grad for g in grads):
             raise RuntimeError(
                 "deferred WS: backward(create_graph=True) through a deferred WS layer is not supported; use "
                 "enable_batched_ws(model, deferred=False) for higher-order gradients"
@@ -254,53 +257,99 @@ def _dense_strides(w: Tensor) -> tuple[int, ...] | None:
 
 
 class _TritonDeferred(DeferredWS):
-    """GPUs: the Triton multi-tensor kernels, one launch per (preset, eps, dtype) each way, over flat buffers
-    allocated once: the weights are copied in (one multi-tensor copy), the kernel writes the leaves' flat buffer,
-    and backward copies the leaves' gradients into one more (another multi-tensor copy). Every weight keeps its
-    memory layout: its rows are read in memory order (a row's statistics do not depend on the order), so a
-    channels_last weight's leaf is channels_last too."""
+    """GPUs: the Triton multi-tensor kernels over flat buffers allocated once. Forward: one multi-tensor copy of all
+    weights into the flat input, one kernel launch per (preset, eps, dtype) writing the leaves' flat buffer.
+    Backward: one multi-tensor copy of the leaves' gradients into a flat buffer, one launch per (preset, eps, dtype),
+    one copy out (the parameters' ``.grad`` never alias the engine's buffers). On CUDA both halves are captured
+    once as CUDA graphs, so a step replays two graphs instead of launching kernels from Python. Every weight keeps
+    its memory layout: its rows are read in memory order (a row's statistics do not depend on the order), so a
+    channels_last weight's leaf and gradient are channels_last too."""
 
     def __init__(self, buckets: dict[tuple, list[WSMixin]], rest: Sequence[_Group]) -> None:
         from torchws.kernels import packing, triton_ws
 
         self._kernel = triton_ws
-        layers, buffers, self._launches = [], [], []
+        layers = [m for members in buckets.values() for m in members]
+        weights = [m.weight for m in layers]
+        dtype, device = weights[0].dtype, weights[0].device
+        total = sum(w.numel() for w in weights)
+        self._x, self._y, self._g = (torch.empty(total, dtype=dtype, device=device) for _ in range(3))
+        starts = _starts([w.numel() for w in weights])
+        self._layout = [(w.shape, w.stride(), start) for w, start in zip(weights, starts)]
+        self._x_views, y_views, self._g_views = (
+            [flat.as_strided(*where) for where in self._layout] for flat in (self._x, self._y, self._g)
+        )
+        self._launches = []  # (slice of the flat buffers, plan, stats, kernel config) per (preset, eps, dtype)
+        start = 0
         for (preset, eps, _), members in buckets.items():
-            weights = [m.weight for m in members]
-            plan = packing.build_plan([w.shape for w in weights], weights[0].dtype, weights[0].device)
-            x, y, g = (torch.empty(plan.total, dtype=plan.dtype, device=plan.device) for _ in range(3))
-            stats = torch.empty(3, plan.num_rows, dtype=torch.float32, device=plan.device)
-            layout = [(w.shape, w.stride(), start) for w, start in zip(weights, _starts(plan.numels))]
-            views = [[flat.as_strided(*shape_stride_offset) for shape_stride_offset in layout] for flat in (x, y, g)]
+            plan = packing.build_plan([m.weight.shape for m in members], dtype, device)
+            part = slice(start, start + plan.total)
+            start = part.stop
+            stats = torch.empty(3, plan.num_rows, dtype=torch.float32, device=device)
             config = dict(mode=preset.eps_placement, eps=float(eps), unbiased=preset.variance == "unbiased")
-            self._launches.append((len(layers), len(members), plan, x, y, g, stats, views[0], views[2], layout, config))
-            layers += members
-            buffers += views[1]
-        super().__init__(layers, [m.weight for m in layers], buffers, rest)
+            self._launches.append((part, plan, stats, config))
+        super().__init__(layers, weights, y_views, rest)
+        self._graphs: tuple | None = None
+        self.capture_error: str | None = None  # why the kernels run uncaptured on CUDA, if they do
+        if device.type == "cuda":
+            try:
+                self._capture()
+            except RuntimeError as e:  # the kernels still run, launched from Python each step
+                torch.cuda.synchronize()
+                self.capture_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            self._pointers = [t.data_ptr() for t in self.inputs]
+
+    def _forward_work(self) -> None:
+        torch._foreach_copy_(self._x_views, self.inputs)
+        for part, plan, stats, config in self._launches:
+            self._kernel.standardize_packed_into(self._x[part], self._y[part], stats, plan, **config)
+
+    def _backward_work(self, dx: Tensor) -> None:
+        for part, plan, stats, _ in self._launches:
+            self._kernel.standardize_packed_backward_into(self._x[part], self._g[part], dx[part], stats, plan)
+
+    def _capture(self) -> None:
+        """Forward and backward as CUDA graphs, warmed up and captured on one side stream (kernels compiled first)."""
+        dx = torch.empty_like(self._x)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward_work()
+                self._backward_work(dx)
+        torch.cuda.current_stream().wait_stream(side)
+        forward, backward = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(forward, stream=side):
+            self._forward_work()
+        with torch.cuda.graph(backward, stream=side):
+            self._backward_work(dx)
+        self._graphs = (forward, backward, dx)
+
+    def usable(self) -> bool:
+        # captured graphs read the weights where they were: a moved storage (``.to()``, ``.data =``) re-captures
+        return super().usable() and (self._graphs is None or [t.data_ptr() for t in self.inputs] == self._pointers)
 
     def _compute(self) -> None:
-        k = self._kernel
-        for start, count, plan, x, y, _, stats, x_views, _, _, config in self._launches:
-            torch._foreach_copy_(x_views, self.inputs[start : start + count])
-            k.standardize_packed_into(x, y, stats, plan, **config)
+        if self._graphs is not None:
+            self._graphs[0].replay()
+        else:
+            self._forward_work()
 
     def _backward(self, grads: list[Tensor | None]) -> list[Tensor | None]:
-        k = self._kernel
-        out: list[Tensor | None] = []
-        for start, count, plan, x, _, g, stats, _, g_views, layout, _ in self._launches:
-            gs = grads[start : start + count]
-            dst, src = [], []
-            for view, grad in zip(g_views, gs):
+        if any(g is None for g in grads):
+            for view, grad in zip(self._g_views, grads):
                 if grad is None:
                     view.zero_()
-                else:
-                    dst.append(view)
-                    src.append(grad)
-            torch._foreach_copy_(dst, src)
-            dx = torch.empty_like(x)  # fresh: its views become the parameters' .grad
-            k.standardize_packed_backward_into(x, g, dx, stats, plan)
-            out += [None if grad is None else dx.as_strided(*where) for grad, where in zip(gs, layout)]
-        return out
+            torch._foreach_copy_(*zip(*[(v, g) for v, g in zip(self._g_views, grads) if g is not None]))
+        else:
+            torch._foreach_copy_(self._g_views, grads)
+        if self._graphs is not None:
+            self._graphs[1].replay()
+            dx = self._graphs[2].clone()  # fresh: its views become the parameters' .grad
+        else:
+            dx = torch.empty_like(self._x)
+            self._backward_work(dx)
+        return [None if grad is None else dx.as_strided(*where) for grad, where in zip(grads, self._layout)]
 
 
 def _starts(numels: Sequence[int]) -> list[int]:
@@ -312,13 +361,16 @@ def _starts(numels: Sequence[int]) -> list[int]:
 
 
 def _triton_buckets(layers: Sequence[WSMixin]) -> tuple[dict[tuple, list[WSMixin]], list[WSMixin]]:
-    """Layers the Triton engine takes, by (preset, eps, dtype), and the rest."""
+    """Layers the Triton engine takes, by (preset, eps), and the rest (also layers of a dtype other than the first
+    taken layer's: the engine's flat buffers have one dtype)."""
     buckets: dict[tuple, list[WSMixin]] = {}
     rest = []
+    dtype = None
     for m in layers:
         w = m.weight
         fits = (
-            m.gain is None
+            w.dtype == (dtype or w.dtype)
+            and m.gain is None
             and m.shift is None
             and not m.ws_transposed
             and w.requires_grad
@@ -327,6 +379,7 @@ def _triton_buckets(layers: Sequence[WSMixin]) -> tuple[dict[tuple, list[WSMixin
             and _dense_strides(w) is not None
         )
         if fits:
+            dtype = w.dtype
             buckets.setdefault((m.ws_preset, m.ws_eps, w.dtype), []).append(m)
         else:
             rest.append(m)

@@ -194,7 +194,8 @@ class BatchedWS:
         self._check_plan()
         engine = self._deferred_engine() if self.deferred else None
         if engine is not None:
-            return {**engine.supply(), **self._standardize_rest(engine)}
+            engine.supply()
+            return {**dict(zip(engine.layers, engine.leaves)), **self._standardize_rest(engine)}
         return self._standardize_all()
 
     def _standardize_all(self) -> dict[WSMixin, Tensor]:
@@ -298,8 +299,8 @@ class BatchedWS:
         engine, self._engine_now = self._engine_now, None
         layers = self._layers
         if engine is not None:
-            for layer in engine.layers:
-                _supply(layer, "_ws_supplied", None)
+            for d in engine._dicts:
+                d["_ws_supplied"] = None
             layers = engine.rest_layers
         for layer in layers:
             # for activation checkpointing's recomputation during backward (WSMixin._valid_supply); none left: a

@@ -118,15 +118,18 @@ class GraphedPass:
     def replay_backward(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
         """Gradients w.r.t. the inputs for ``grads`` w.r.t. the outputs of the last forward replay (None: zeros),
         in one fresh buffer (views laid out like the inputs): nothing returned aliases graph memory."""
-        dst, src = [], []
-        for static, g in zip(self.static_grad_outputs, grads):
-            if g is None:
-                static.zero_()
-            elif g.data_ptr() != static.data_ptr():
-                dst.append(static)
-                src.append(g)
-        if dst:
-            torch._foreach_copy_(dst, src)  # one multi-tensor copy of the incoming gradients
+        if any(g is None for g in grads):
+            dst, src = [], []
+            for static, g in zip(self.static_grad_outputs, grads):
+                if g is None:
+                    static.zero_()
+                else:
+                    dst.append(static)
+                    src.append(g)
+            if dst:
+                torch._foreach_copy_(dst, src)
+        else:
+            torch._foreach_copy_(self.static_grad_outputs, list(grads))  # one multi-tensor copy of the gradients
         self.backward_graph.replay()
         return self.unflatten(self.static_flat_grad.clone())
 
