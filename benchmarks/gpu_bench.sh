@@ -22,7 +22,7 @@ bash benchmarks/gpu_stream_check.sh 2>&1 | tee "$OUT/gpu_stream_check.txt"  # cu
 # authors and batched_triton: measured in session 1 (2.1-2.3x, 1.07-1.18x); left out to fit the device time
 VARIANTS=${VARIANTS:-gn,timm,torchws,batched,batched_graph,deferred,deferred_graph,folded}
 BATCHES=${BATCHES:-1,2,32}
-timeout 100 "$PY" benchmarks/gpu_deferred_profile.py 2>&1 | tee "$OUT/gpu_deferred_profile.txt"
+[ "${SKIP_PROFILE:-0}" = 1 ] || timeout 100 "$PY" benchmarks/gpu_deferred_profile.py 2>&1 | tee "$OUT/gpu_deferred_profile.txt"
 timeout 240 "$PY" benchmarks/bench_ws.py --device cuda --variants "$VARIANTS" --batches "$BATCHES" --budget-s 10 --reps 80 \
   --out "$OUT/gpu_bench.json" 2>&1 \
   | tee "$OUT/gpu_bench.txt"

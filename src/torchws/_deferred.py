@@ -84,8 +84,9 @@ class _Generation:
                 "backward; that backward's standardized weights are gone. Run backward before changing the weights."
             )
         engine = self.engine
-        if not engine._queued:
-            engine._queued = True
+        task = torch._C._current_graph_task_id()  # one push per backward (a nested one gets its own)
+        if engine._queued_task != task:
+            engine._queued_task = task
             torch.autograd.Variable._execution_engine.queue_callback(engine._push)
 
 
@@ -107,7 +108,7 @@ class DeferredWS:
         self._versions: list[int] | None = None
         self._steps = -1
         self._in_flight = False
-        self._queued = False
+        self._queued_task: int | None = None  # the backward whose end runs a queued push
         self._generation = _Generation(self)
         self.leaves = self._make_leaves()
         _watch_optimizers()
@@ -126,14 +127,17 @@ class DeferredWS:
         """Hand the leaves to the layers for this forward (recomputed unless a pending backward still needs them
         unchanged)."""
         inputs = self.inputs
+        if self._queued_task is not None and torch._C._current_graph_task_id() == -1:
+            self._drop_failed_backward()
         versions = [t._version for t in inputs]
         if not (self._in_flight and versions == self._versions and _OPTIMIZER_STEPS[0] == self._steps):
             if self._in_flight:  # changed under a pending backward: that graph keeps (and must not use) the old
                 self._generation.retired = True
                 self._generation = _Generation(self)
                 self.leaves = self._make_leaves()
-                self._queued = False
-            self._compute()  # (kernels or graph replays: no autograd graph is recorded)
+                self._queued_task = None
+            with torch.no_grad():  # (the kernels' inputs are copied in: no autograd history on the engine's buffers)
+                self._compute()
             _bump_versions(self.leaves)  # a graph still holding them (retain_graph) sees the change
             self._versions, self._steps = versions, _OPTIMIZER_STEPS[0]
             for d, leaf, w, v in zip(self._dicts, self.leaves, inputs, versions):
@@ -147,9 +151,17 @@ class DeferredWS:
         if torch.is_grad_enabled():
             self._in_flight = True
 
+    def _drop_failed_backward(self) -> None:
+        """A backward queued a push and never ran it: it raised (autograd drops a failed backward's callbacks). The
+        leaves' partial gradients go, as a ``zero_grad`` after the failure would take the parameters' own."""
+        for leaf in self.leaves:
+            leaf.grad = None
+        self._queued_task = None
+        self._in_flight = False
+
     def _push(self) -> None:
         """Engine callback at the end of a backward: the leaves' gradients through WS into the inputs' ``.grad``."""
-        self._queued = False
+        self._queued_task = None
         self._in_flight = False
         leaves = self.leaves
         grads = [leaf.grad for leaf in leaves]
@@ -308,6 +320,7 @@ class _TritonDeferred(DeferredWS):
         for part, plan, stats, _ in self._launches:
             self._kernel.standardize_packed_backward_into(self._x[part], self._g[part], dx[part], stats, plan)
 
+    @torch.no_grad()
     def _capture(self) -> None:
         """Forward and backward as CUDA graphs, warmed up and captured on one side stream (kernels compiled first)."""
         dx = torch.empty_like(self._x)
@@ -390,6 +403,13 @@ ENGINES = ("auto", "numba", "triton", "graph")
 
 
 def build_deferred(layers: Sequence[WSMixin], groups: Sequence[_Group], engine: str = "auto") -> DeferredWS | None:
+    """See :func:`_build`; the engine's buffers and leaves are normal tensors even when the first forward runs under
+    ``torch.inference_mode`` (inference tensors could never serve a training forward)."""
+    with torch.inference_mode(False):
+        return _build(layers, groups, engine)
+
+
+def _build(layers: Sequence[WSMixin], groups: Sequence[_Group], engine: str = "auto") -> DeferredWS | None:
     """The deferred engine for ``layers`` (the batched pass's plan), or None where none applies.
 
     ``engine``: "numba" (CPU kernels), "triton" (multi-tensor kernels: CUDA, or CPU under ``TRITON_INTERPRET=1``),
@@ -400,8 +420,8 @@ def build_deferred(layers: Sequence[WSMixin], groups: Sequence[_Group], engine: 
     from torchws._backends import _cpu_kernels, _make_groups, _numba_plan
     from torchws.kernels import is_available
 
-    if not layers:
-        return None
+    if not layers or not all(isinstance(m.weight, torch.nn.Parameter) for m in layers):
+        return None  # (plain tensors swapped in, as torch.func.functional_call does: autograd.grad must reach them)
     devices = {m.weight.device.type for m in layers}
     if len(devices) != 1:
         return None
