@@ -12,9 +12,12 @@ Variants (all built from the same plain-conv GroupNorm network, same weights):
     batched_graph   torchws with ``enable_batched_ws(backend="cuda_graph")``: the torch pass replayed from CUDA graphs
                     (CUDA only)
     deferred        torchws with ``enable_batched_ws(deferred=True)``: standardized weights as persistent leaves,
-                    every WS gradient computed once when backward ends (numba kernels on a CPU, the Triton
-                    multi-tensor kernels on CUDA; ``torchws._deferred``)
-    deferred_graph  the same with ``backend="cuda_graph"``: the torch pass replayed from CUDA graphs (CUDA only)
+                    every WS gradient computed once when backward ends (numba kernels on a CPU, the torch pass
+                    replayed from CUDA graphs on CUDA; ``torchws._deferred``)
+    deferred_triton the same with ``backend="triton"``: the Triton multi-tensor kernels replayed from CUDA graphs
+                    (CUDA, or a CPU under TRITON_INTERPRET=1)
+    deferred_graph  ``backend="cuda_graph", deferred=True``: on CUDA what ``deferred`` is now (the name of runs 2-4 of
+                    session 3, when ``deferred`` meant the Triton engine)
     folded          ``torchws.convert.fold`` of the torchws model (plain convs again)
     pass_floor      not WS: the batched pass handing the layers fresh *copies* of their weights through one autograd
                     Function (copy forward, gradients passed through): what any model-level pass costs before its math
@@ -108,11 +111,16 @@ def make_variant(kind: str, base: nn.Module) -> nn.Module | str:
             return "CUDA graphs need a CUDA device"
         enable_batched_ws(m, backend="cuda_graph")
         return m
-    if kind in ("deferred", "deferred_graph"):  # persistent WS leaves, WS backward when backward ends
-        cuda = next(m.parameters()).device.type == "cuda"
-        if not cuda and (kind == "deferred_graph" or not _numba_available()):
-            return "deferred WS needs numba on a CPU; deferred_graph needs CUDA"
-        enable_batched_ws(m, backend="cuda_graph" if kind == "deferred_graph" else "auto", deferred=True)
+    if kind in ("deferred", "deferred_graph", "deferred_triton"):  # persistent WS leaves, WS backward at its end
+        device = next(m.parameters()).device
+        if kind == "deferred_triton" and not _kernel_available(device):
+            return "triton kernel not available on this device"
+        if kind == "deferred_graph" and device.type != "cuda":
+            return "CUDA graphs need a CUDA device"
+        if kind == "deferred" and device.type == "cpu" and not _numba_available():
+            return "deferred WS needs numba on a CPU"
+        backend = {"deferred": "auto", "deferred_graph": "cuda_graph", "deferred_triton": "triton"}[kind]
+        enable_batched_ws(m, backend=backend, deferred=True)
         return m
     if kind == "pass_floor":
         handle = enable_batched_ws(m, backend="torch")
@@ -347,8 +355,8 @@ def bench_op_alone(args: argparse.Namespace, device: torch.device) -> dict:
     deferred = {}
     if device.type == "cuda" or _numba_available():
         deferred["deferred"] = _deferred_op(model, layers, grads, "auto")
-    if device.type == "cuda":
-        deferred["deferred_graph"] = _deferred_op(model, layers, grads, "cuda_graph")
+    if _kernel_available(device):
+        deferred["deferred_triton"] = _deferred_op(model, layers, grads, "triton")
 
     def fwd_bwd(fn: Callable[[], list[torch.Tensor]]) -> Callable[[], None]:
         def run() -> None:
@@ -427,9 +435,10 @@ def _check_variants(device: torch.device) -> list[tuple[str, dict, bool]]:
     out = [("torch", dict(backend="torch"), True)]
     out += [("triton", dict(backend="triton"), False)] if _kernel_available(device) else []
     out += [("cuda_graph", dict(backend="cuda_graph"), True)] if cuda else []
-    if cuda or _numba_available():  # deferred "auto": numba on a CPU, triton on CUDA
-        out += [("deferred", dict(backend="auto", deferred=True), False)]
-    out += [("deferred_graph", dict(backend="cuda_graph", deferred=True), True)] if cuda else []
+    if cuda or _numba_available():  # deferred "auto": numba on a CPU, the captured torch pass on CUDA
+        out += [("deferred", dict(backend="auto", deferred=True), cuda)]
+    if _kernel_available(device):
+        out += [("deferred_triton", dict(backend="triton", deferred=True), False)]
     return out
 
 
@@ -461,11 +470,11 @@ def check_batched(device: torch.device, name: str) -> bool:
 
     Op level (every path, fp32): each layer's standardized weight and weight gradient within 1e-5 (relative to the
     layer's largest) of its per-layer computation. Model level, outputs and all gradients: fp32 within 1e-4 for the
-    paths that run the per-layer torch ops (torch, cuda_graph, deferred_graph: bit-identical on the GPU); the kernel
-    paths (triton, deferred) sum each row in another order (~1e-7 per weight), which a randomly initialised deep
-    network amplifies in its gradients (per-layer bf16 vs fp32 differ by ~1 there), so their model-level figures are
-    printed, not judged. bf16 autocast: the batched bf16 run must be as close to the fp32 per-layer run as the
-    per-layer bf16 run is (within 1.5x + 1e-3).
+    paths that run the per-layer torch ops (torch, cuda_graph, deferred on CUDA: bit-identical on the GPU); the
+    kernel paths (triton, deferred_triton, deferred on a CPU) sum each row in another order (~1e-7 per weight),
+    which a randomly initialised deep network amplifies in its gradients (per-layer bf16 vs fp32 differ by ~1
+    there), so their model-level figures are printed, not judged. bf16 autocast: the batched bf16 run must be as
+    close to the fp32 per-layer run as the per-layer bf16 run is (within 1.5x + 1e-3).
     """
     ok = True
     # TF32 convolutions round each weight to 10 mantissa bits, so two weight computations equal to 1e-7 can round
@@ -540,7 +549,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precisions", default=None, help="fp32,bf16_cl (default cpu: fp32; cuda: both)")
     p.add_argument(
         "--variants",
-        default="gn,authors,timm,torchws,batched,batched_numba,batched_triton,batched_graph,deferred,deferred_graph,folded",
+        default="gn,authors,timm,torchws,batched,batched_numba,batched_triton,batched_graph,deferred,deferred_triton,folded",
     )
     p.add_argument("--reps", type=int, default=None, help="max interleaved rounds per config (default 60 cpu/30 cuda)")
     p.add_argument("--op-reps", type=int, default=None, help="rounds for (a) (default 20 cpu/50 cuda)")
@@ -559,7 +568,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.models = (a.models or ("resnet50" if cuda else "cifar_resnet20,cifar_resnet18")).split(",")
     a.precisions = (a.precisions or ("fp32,bf16_cl" if cuda else "fp32")).split(",")
     interpret = os.environ.get("TRITON_INTERPRET") == "1"  # CPU smoke test of the triton path
-    gpu_only = ("batched_graph", "deferred_graph") + (() if interpret else ("batched_triton",))
+    gpu_only = ("batched_graph", "deferred_graph") + (() if interpret else ("batched_triton", "deferred_triton"))
     a.variants = [v for v in a.variants.split(",") if v not in (("batched_numba",) if cuda else gpu_only)]
     a.batches = [int(b) for b in a.batches.split(",")]
     a.reps = a.reps or (30 if cuda else 60)

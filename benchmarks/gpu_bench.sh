@@ -20,7 +20,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 check=${PIPESTATUS[0]}
 bash benchmarks/gpu_stream_check.sh 2>&1 | tee "$OUT/gpu_stream_check.txt"  # cuda_graph backend: one stream
 # authors and batched_triton: measured in session 1 (2.1-2.3x, 1.07-1.18x); left out to fit the device time
-VARIANTS=${VARIANTS:-gn,timm,torchws,batched,batched_graph,deferred,deferred_graph,folded}
+VARIANTS=${VARIANTS:-gn,timm,torchws,batched,batched_graph,deferred,deferred_triton,folded}
 BATCHES=${BATCHES:-1,2,32}
 [ "${SKIP_PROFILE:-0}" = 1 ] || timeout 100 "$PY" benchmarks/gpu_deferred_profile.py 2>&1 | tee "$OUT/gpu_deferred_profile.txt"
 timeout 240 "$PY" benchmarks/bench_ws.py --device cuda --variants "$VARIANTS" --batches "$BATCHES" --budget-s 10 --reps 80 \

@@ -1,6 +1,6 @@
 """Where a deferred WS step's extra time goes on a GPU (ResNet-50 GN+WS, fp32, batch 1 and 2).
 
-For each deferred engine (triton, graph) it prints:
+For each deferred engine (triton; graph, what ``deferred`` runs on CUDA) it prints:
     * host time per step of the engine's forward part (``supply``: checks, kernel launches, handing out the leaves)
       and of its push at the end of backward (perf_counter, no synchronisation: what the host spends);
     * GPU time of the engine's forward and backward work alone (CUDA events around ``_compute`` / ``_backward``);
@@ -99,7 +99,7 @@ def _profile_push(engine, reps: int = 200) -> None:
 def main() -> None:
     base = build_base("resnet50").cuda()
     print(torch.cuda.get_device_name(), "torch", torch.__version__)
-    for kind in ("deferred", "deferred_graph"):
+    for kind in ("deferred_triton", "deferred"):
         model = make_variant(kind, base)
         engine = _engine(model)
         grads = [torch.randn_like(leaf) for leaf in engine.leaves]

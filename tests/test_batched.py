@@ -481,7 +481,7 @@ def test_deferred_graph_engine_matches_per_layer_over_sgd_steps():
     torch.manual_seed(0)
     ref, model = _pair()
     ref, model = ref.cuda(), model.cuda()
-    handle = enable_batched_ws(model, backend="cuda_graph", deferred=True)
+    handle = enable_batched_ws(model, deferred=True)  # "auto" on CUDA: the captured torch pass
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
     for step in range(4):
         x = torch.randn(2, 3, 8, 8, device="cuda")
@@ -504,7 +504,7 @@ def test_deferred_triton_engine_matches_per_layer_over_sgd_steps(channels_last):
     ref, model = ref.cuda(), model.cuda()
     if channels_last:
         ref, model = ref.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
-    handle = enable_batched_ws(model, deferred=True)
+    handle = enable_batched_ws(model, backend="triton", deferred=True)
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
     for step in range(4):
         x = torch.randn(2, 3, 8, 8, device="cuda")

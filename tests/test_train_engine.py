@@ -269,3 +269,19 @@ def test_fewer_eval_images_than_ranks_is_a_config_error(tmp_path):
     cfg = tiny_cfg(tmp_path, max_eval_images=1).validate()
     with pytest.raises(ConfigError, match="--max-eval-images"):
         build_inputs(cfg, DistInfo(rank=1, world_size=2, enabled=True), torch.device("cpu"), tiny_splits())
+
+
+def test_ws_deferred_option_trains_like_the_autograd_pass(tmp_path):
+    """Single process: --ws-deferred (the default) switches the pass to persistent WS leaves; the run's weights match
+    the autograd pass's to rounding (the kernels sum in another order)."""
+    from torchws.batched import find_handle
+
+    runs = {}
+    for flag in (True, False):
+        trainer = Trainer(tiny_cfg(tmp_path / str(flag), ws_deferred=flag, max_steps=4, epochs=1), DistInfo(),
+                          torch.device("cpu"), tiny_splits(), echo=False)  # fmt: skip
+        assert find_handle(trainer.model).deferred is flag
+        trainer.run()
+        runs[flag] = trainer.model.state_dict()
+    for key, value in runs[True].items():
+        torch.testing.assert_close(value, runs[False][key], rtol=1e-4, atol=1e-5, msg=key)

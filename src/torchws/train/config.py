@@ -72,6 +72,8 @@ class TrainConfig:
                          "torch), torch (grouped torch ops), numba (CPU multi-tensor kernels), cuda_graph (replayed "
                          "CUDA graphs: fastest at batch 1-2 on a GPU), triton (multi-tensor kernel), off (per layer)",
                          choices=WS_BACKENDS)
+    ws_deferred: bool = _f(True, "single-process runs: the WS weights' gradients computed in one call when each "
+                           "backward ends (persistent standardized weights, torchws._deferred); not under DDP")
     device: str = _f("auto", "auto: cuda when available (the local rank's GPU), else cpu", choices=DEVICES)
     seed: int = _f(0, "seed for model init, data order and augmentation")
     deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume; slower on GPU)")

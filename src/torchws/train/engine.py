@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from torchws.batched import enable_batched_ws, find_handle
 from torchws.data import TensorSplits
 from torchws.layers import WSMixin
 
@@ -243,6 +244,9 @@ class Trainer:
         _check_ws_backend(cfg.ws_backend, self.model, device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        handle = find_handle(self.model)
+        if cfg.ws_deferred and not info.enabled and handle is not None:  # (DDP's reducer needs the autograd pass)
+            enable_batched_ws(self.model, backend=handle.backend, concat=handle.concat, deferred=True)
         self.steps_per_epoch = len(self.inputs.train) // cfg.accum_steps  # type: ignore[arg-type]
         if self.steps_per_epoch < 1:
             raise ConfigError(f"--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps} leaves no full step "
