@@ -320,10 +320,12 @@ def test_accumulation_under_ddp_requires_steps(tmp_path):
         dist.destroy_process_group()
 
 
-def test_compile_without_graph_breaks():
+@pytest.mark.parametrize("deferred", [False, True])
+def test_compile_without_graph_breaks(deferred):
+    # deferred: the compiler traces the autograd pass (torch ops it can fuse), not the engine's kernels
     torch._dynamo.reset()
     _, model = _pair()
-    enable_batched_ws(model, backend="auto")
+    enable_batched_ws(model, backend="auto", deferred=deferred)
     x = torch.randn(1, 3, 8, 8)
 
     def step(inp):

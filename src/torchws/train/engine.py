@@ -12,7 +12,8 @@ SIGTERM (a scheduler, a preemption) and SIGINT (Ctrl-C) stop the run at the next
 in progress finishes, ``last.pt`` is written and ``run`` raises ``RunTerminated`` (a SystemExit with status 143) or
 ``RunInterrupted`` (a KeyboardInterrupt; the CLI exits with 130). A signal during the last step of an epoch or during
 evaluation lets that epoch end first (evaluation, epoch record, checkpoint). Under DDP the ranks agree on the stop
-step (one tiny all-reduce per step), rank 0 alone writes, and every rank stops at the same step.
+step (one tiny all-reduce per step), rank 0 alone writes, and every rank stops at the same step. The handlers and
+the exceptions live in ``signals.py`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -20,9 +21,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -39,12 +38,13 @@ from torchws.layers import WSMixin
 from . import checkpoint as ckpt
 from .atomic import atomic_write_text, remove_stale_temp_files
 from .config import TrainConfig, save_config
-from .distributed import DistInfo, all_reduce_max, all_reduce_sum, barrier, cleanup_distributed, init_distributed
+from .distributed import DistInfo, all_reduce_sum, barrier, cleanup_distributed, init_distributed
 from .errors import CheckpointError, ConfigError, RunDirError
 from .inputs import Inputs, build_inputs, build_model
 from .metrics import MetricsLogger, format_table
 from .plots import plot_curves
 from .schedule import LRSchedule, scaled_lr
+from .signals import RunInterrupted, RunTerminated, StopSignals, stop_exception
 from .step import StepStats, train_step
 
 __all__ = ["RunInterrupted", "RunTerminated", "evaluate", "train", "Trainer"]
@@ -164,68 +164,6 @@ def _check_ws_backend(backend: str, model: nn.Module, device: torch.device) -> N
                           "installed); use --ws-backend auto or torch")  # fmt: skip
 
 
-class RunTerminated(SystemExit):
-    """SIGTERM stopped the run at a step boundary, after ``checkpoint`` (None: --no-save-checkpoints) was written.
-
-    A SystemExit with code 143 (128 + SIGTERM, what a shell reports for a process SIGTERM killed): uncaught, it ends
-    the process as the signal would have, but with the run saved. ``message`` says where it stopped and how to go on.
-    """
-
-    def __init__(self, message: str, checkpoint: Path | None) -> None:
-        super().__init__(128 + signal.SIGTERM)
-        self.message, self.checkpoint = message, checkpoint
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """SIGINT (Ctrl-C) stopped the run at a step boundary, after ``checkpoint`` (None: --no-save-checkpoints) was
-    written. A KeyboardInterrupt, so code that handled Ctrl-C before goes on working; the CLI exits with 130."""
-
-    def __init__(self, message: str, checkpoint: Path | None) -> None:
-        super().__init__(message)
-        self.message, self.checkpoint = message, checkpoint
-
-
-class _StopSignals:
-    """While entered, SIGTERM and SIGINT only record a request to stop, which ``poll`` reports at a step boundary.
-
-    Installed from the main thread only (Python runs handlers there; elsewhere ``signal.signal`` raises) and only over
-    Python-level handlers that are not SIG_IGN (a job started with SIGINT ignored keeps ignoring it); the previous
-    handlers come back on exit. A Ctrl-C after the first signal raises KeyboardInterrupt at once (the way out of a long
-    save; under DDP the other ranks then fail instead of stopping cleanly). Later SIGTERMs are ignored: under torchrun
-    a worker can get one from the scheduler and another forwarded by torchrun.
-    """
-
-    def __init__(self, info: DistInfo, device: torch.device) -> None:
-        self.info, self.device = info, device
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                if signal.getsignal(signum) not in (None, signal.SIG_IGN):  # None: set from C, cannot be restored
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous.clear()
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if signum == signal.SIGINT and self.received is not None:
-            raise KeyboardInterrupt
-        if self.received is None:
-            self.received = signum
-
-    def poll(self) -> int | None:
-        """The signal to stop for, or None. Under DDP a collective (every rank calls it at the same points): the
-        ranks stop together when any of them got a signal."""
-        if not self.info.enabled:
-            return self.received
-        return all_reduce_max(self.received or 0, self.info, self.device) or None
-
-
 class Trainer:
     """State of one run; built by ``train``. Everything that can fail on user input happens in ``__init__``."""
 
@@ -319,7 +257,7 @@ class Trainer:
                     f" process(es) x {cfg.batch_size} x {cfg.accum_steps} accum = {self.total_batch} per step, "
                     f"peak lr {self.schedule.peak_lr:.4g}, {self.total_steps} steps")  # fmt: skip
         train_time, train_images = 0.0, 0
-        with _StopSignals(self.info, self.device) as signals:
+        with StopSignals(self.info, self.device) as signals:
             try:
                 while self.epoch < cfg.epochs and self.step < self.total_steps:
                     self.stop_signal = signals.poll()  # one that came during evaluation or a checkpoint write
@@ -352,7 +290,7 @@ class Trainer:
             if path.exists() and not (self.resume_source is not None and os.path.samefile(path, self.resume_source)):
                 path.unlink()
 
-    def _train_epoch(self, logger: MetricsLogger | None, signals: _StopSignals) -> tuple[dict[str, Any], float]:
+    def _train_epoch(self, logger: MetricsLogger | None, signals: StopSignals) -> tuple[dict[str, Any], float]:
         cfg, loader = self.cfg, self.inputs.train
         loader.set_epoch(self.epoch)  # type: ignore[attr-defined]
         batches = iter(loader)  # type: ignore[call-overload]
@@ -423,16 +361,11 @@ class Trainer:
         if self.info.is_main and path is not None and self.saved_step != self.step:
             ckpt.atomic_save(self._state(), path)
             self.saved_step = self.step
-        name = signal.Signals(signum).name
-        where = (f"saved {path}; to continue, run the same command with --resume auto" if path is not None else
-                 "no checkpoint (--no-save-checkpoints), so the run cannot be continued")  # fmt: skip
-        message = f"{name}: stopped after step {self.step} of {self.total_steps}; {where}"
+        stopped = stop_exception(signum, self.step, self.total_steps, path)
         if self.echo:
-            print(f"torchws: {message}", file=sys.stderr, flush=True)
+            print(f"torchws: {stopped.message}", file=sys.stderr, flush=True)
         barrier(self.info)  # no rank exits before last.pt is complete (torchrun stops the rest when one exits)
-        if signum == signal.SIGINT:
-            raise RunInterrupted(message, path)
-        raise RunTerminated(message, path)
+        raise stopped
 
     def _finish(self, train_time: float, train_images: int) -> dict[str, Any]:
         final = next((r for r in reversed(self.history) if "test_acc" in r), {})
