@@ -25,12 +25,15 @@ from test_train_engine import (  # noqa: F401 (one_thread: the autouse fixture, 
     tiny_cfg,
     tiny_splits,
 )
+from test_train_reliability import write_png_folder
 
 from torchws.train import engine as engine_module
 from torchws.train import load_checkpoint, save_config, train
 from torchws.train.atomic import atomic_write, atomic_write_text, is_temp_file
+from torchws.train.distributed import DistInfo
 from torchws.train.engine import RunInterrupted, RunTerminated
 from torchws.train.metrics import read_metrics
+from torchws.train.signals import StopSignals
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
 
@@ -92,13 +95,15 @@ def straight(tmp_path_factory, data_dir) -> torch.nn.Module:
 
 
 def start_child(tmp_path: Path, pause_at: int, args: list[str], env: dict[str, str] | None = None,
-                name: str = "ready") -> tuple[subprocess.Popen, Path]:  # fmt: skip
+                name: str = "ready", new_session: bool = False) -> tuple[subprocess.Popen, Path]:  # fmt: skip
+    """new_session: the child leads a process group of its own (its pid is the group id), as under a scheduler."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     ready = tmp_path / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, str(script), str(ready), str(pause_at), *args]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                             start_new_session=new_session)  # fmt: skip
     return child, ready
 
 
@@ -226,7 +231,7 @@ def test_handlers_are_left_alone_outside_the_main_thread_and_when_ignored(tmp_pa
 
 
 def test_a_second_ctrl_c_interrupts_at_once():
-    stop = engine_module._StopSignals(engine_module.DistInfo(), torch.device("cpu"))
+    stop = StopSignals(DistInfo(), torch.device("cpu"))
     with stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.poll() == signal.SIGINT
@@ -237,6 +242,44 @@ def test_a_second_ctrl_c_interrupts_at_once():
             time.sleep(1)  # the handler runs before this returns
         assert not isinstance(raised.value, RunInterrupted)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_process_group_leaves_dataloader_workers_running(tmp_path, signum, status):
+    """Schedulers signal every process of a job, a terminal's Ctrl-C the foreground group: the image-folder loader's
+    workers get the signal too. They used to die of SIGTERM and the trainer then raised "DataLoader worker ... killed
+    by signal" (mid-step or while shutting the workers down); now they ignore both signals, the trainer stops cleanly
+    at the step boundary and ends them."""
+    write_png_folder(tmp_path / "data")  # 12 train images: 6 steps of 2
+    cfg = tiny_cfg(tmp_path, dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=8, batch_size=2,
+                   workers=2, epochs=1)  # fmt: skip
+    save_config(cfg, tmp_path / "recipe.yaml")
+    # at step 2 both workers have delivered a batch (in order: worker 0, then 1), so both are past their init
+    child, ready = start_child(tmp_path, 2, ["--config", str(tmp_path / "recipe.yaml")], new_session=True)
+    try:
+        wait_for(ready, [child])
+        os.killpg(child.pid, signum)
+        ready.unlink()
+        code, _, err = finish(child)
+        deadline = time.monotonic() + TIMEOUT  # the workers end with the trainer, none is left behind
+        while _group_alive(child.pid):
+            assert time.monotonic() < deadline, "DataLoader workers outlived the trainer"
+            time.sleep(0.05)
+    finally:
+        if _group_alive(child.pid):
+            os.killpg(child.pid, signal.SIGKILL)
+    assert code == status, err[-3000:]
+    assert f"{signal.Signals(signum).name}: stopped after step 2 of 6" in err
+    assert "Traceback" not in err and "DataLoader" not in err
+    assert load_checkpoint(tmp_path / "run/last.pt")["step"] == 2
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------- stale temp files

@@ -1,5 +1,6 @@
 """Micro-batch training: ``TrainConfig`` (flags from a dataclass, YAML defaults), ``train()`` (single process or
-torchrun/DDP), atomic checkpoints with exact resume, metrics (JSON lines), learning-curve plots.
+torchrun/DDP), atomic checkpoints with exact resume, a clean stop on SIGTERM / SIGINT (``RunTerminated`` /
+``RunInterrupted``), metrics (JSON lines), learning-curve plots.
 
 ``python -m torchws.train --help`` (or ``torchws train --help``) lists every option.
 """
@@ -9,12 +10,15 @@ from .config import TrainConfig, add_config_flags, config_from_args, load_yaml, 
 from .engine import Trainer, evaluate, train
 from .errors import CheckpointError, ConfigError, RunDirError, TrainError
 from .schedule import LRSchedule, scaled_lr
+from .signals import RunInterrupted, RunTerminated
 
 __all__ = [
     "CheckpointError",
     "ConfigError",
     "LRSchedule",
     "RunDirError",
+    "RunInterrupted",
+    "RunTerminated",
     "TrainConfig",
     "TrainError",
     "Trainer",

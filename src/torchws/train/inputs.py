@@ -24,6 +24,7 @@ from torchws.layers.ws import WSMixin
 from .config import TrainConfig
 from .distributed import DistInfo
 from .errors import ConfigError
+from .signals import ignore_stop_signals
 
 __all__ = ["Inputs", "build_inputs", "build_model", "check_image_size", "min_image_size"]
 
@@ -55,10 +56,12 @@ class _FolderTrainLoader:
         else:
             self.sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed))
         # a generator of its own: starting an iteration draws the workers' base seed from it, not from the global RNG
-        # (the one the model's randomness uses and checkpoints restore), which a resumed run would then see shifted
+        # (the one the model's randomness uses and checkpoints restore), which a resumed run would then see shifted.
+        # The workers ignore SIGTERM / SIGINT sent to the whole process group: the trainer stops them at a step boundary
         self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
                                  drop_last=True, pin_memory=torch.cuda.is_available(),
-                                 generator=torch.Generator().manual_seed(cfg.seed))  # fmt: skip
+                                 generator=torch.Generator().manual_seed(cfg.seed),
+                                 worker_init_fn=ignore_stop_signals)  # fmt: skip
         self.seed = cfg.seed
 
     def set_epoch(self, epoch: int) -> None:
@@ -158,7 +161,8 @@ def _folder_inputs(cfg: TrainConfig, info: DistInfo) -> Inputs:
         raise tdata.DatasetFormatError(f"{cfg.data_dir}: train/ and val/ hold different class folders")
     n_test = len(test_set) if cfg.max_eval_images is None else min(cfg.max_eval_images, len(test_set))
     shard = Subset(test_set, range(info.rank, n_test, info.world_size))
-    test = DataLoader(shard, batch_size=max(cfg.batch_size, 32), num_workers=cfg.workers)
+    test = DataLoader(shard, batch_size=max(cfg.batch_size, 32), num_workers=cfg.workers,
+                      worker_init_fn=ignore_stop_signals)  # fmt: skip
     return Inputs(_FolderTrainLoader(train_set, cfg, info), test, train_set.num_classes, 3, size, len(train_set),
                   n_test)  # fmt: skip
 
