@@ -407,6 +407,19 @@ def test_graphed_pass_does_not_match_new_parameters_sharing_storage():
     assert not runner.matches(new)
 
 
+def _sgd_steps_match(ref: nn.Module, model: nn.Module, steps: int = 4) -> None:
+    """SGD-momentum steps on CUDA: ``model``'s parameters stay equal to ``ref``'s (per layer)."""
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
+    for step in range(steps):
+        x = torch.randn(2, 3, 8, 8, device="cuda")
+        for m, opt in zip((ref, model), opts):
+            opt.zero_grad(set_to_none=step % 2 == 0)  # also the in-place zeroing path: .grad must not alias
+            m(x).square().mean().backward()
+            opt.step()
+        for p, q in zip(ref.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 # capture and replay must not hand gradients across streams (PyTorch >= 2.10 warns once per process when they do)
@@ -416,15 +429,7 @@ def test_cuda_graph_backend_matches_per_layer_over_sgd_steps():
     ref, model = _pair()
     ref, model = ref.cuda(), model.cuda()
     enable_batched_ws(model, backend="cuda_graph")
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
-    for step in range(4):
-        x = torch.randn(2, 3, 8, 8, device="cuda")
-        for m, opt in zip((ref, model), opts):
-            opt.zero_grad(set_to_none=step % 2 == 0)  # also the in-place zeroing path: .grad must not alias
-            m(x).square().mean().backward()
-            opt.step()
-        for p, q in zip(ref.parameters(), model.parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    _sgd_steps_match(ref, model)
     assert find_handle(model)._graph is not None
 
 
@@ -484,15 +489,7 @@ def test_deferred_graph_engine_matches_per_layer_over_sgd_steps():
     ref, model = _pair()
     ref, model = ref.cuda(), model.cuda()
     handle = enable_batched_ws(model, deferred=True)  # "auto" on CUDA: the captured torch pass
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
-    for step in range(4):
-        x = torch.randn(2, 3, 8, 8, device="cuda")
-        for m, opt in zip((ref, model), opts):
-            opt.zero_grad(set_to_none=step % 2 == 0)
-            m(x).square().mean().backward()
-            opt.step()
-        for p, q in zip(ref.parameters(), model.parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    _sgd_steps_match(ref, model)
     assert type(handle._deferred).__name__ == "_GraphDeferred"
 
 
@@ -507,13 +504,5 @@ def test_deferred_triton_engine_matches_per_layer_over_sgd_steps(channels_last):
     if channels_last:
         ref, model = ref.to(memory_format=torch.channels_last), model.to(memory_format=torch.channels_last)
     handle = enable_batched_ws(model, backend="triton", deferred=True)
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (ref, model)]
-    for step in range(4):
-        x = torch.randn(2, 3, 8, 8, device="cuda")
-        for m, opt in zip((ref, model), opts):
-            opt.zero_grad(set_to_none=step % 2 == 0)
-            m(x).square().mean().backward()
-            opt.step()
-        for p, q in zip(ref.parameters(), model.parameters()):
-            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+    _sgd_steps_match(ref, model)
     assert type(handle._deferred).__name__ == "_TritonDeferred" and handle._deferred.capture_error is None
