@@ -780,3 +780,21 @@ def test_triton_engine_in_interpreter_matches_per_layer(channels_last):
         assert leaf.shape == layer.weight.shape and leaf.stride() == layer.weight.stride()
         assert layer._ws_last is leaf
     assert model.c1.weight.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+@needs_numba
+def test_standardize_called_directly_leaves_no_supply_behind():
+    # handle.standardize() outside a forward returns the leaves but must not leave them with the layers: a layer
+    # called on its own after the weights change would otherwise read a stale leaf
+    ref, model = _hand_pair()
+    handle = find_handle(model)
+    out = handle.standardize()
+    engine = handle._deferred
+    assert all(out[m] is leaf for m, leaf in zip(engine.layers, engine.leaves))
+    assert all(m._ws_supplied is None for m in engine.layers)
+    for r, m in zip(ref.modules(), model.modules()):
+        if isinstance(m, WSMixin) and m.weight.requires_grad:
+            with torch.no_grad():
+                r.weight.mul_(-1.5)
+                m.weight.mul_(-1.5)
+            torch.testing.assert_close(m.standardized_weight(), r.standardized_weight(), rtol=0, atol=0)

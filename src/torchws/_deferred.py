@@ -131,9 +131,9 @@ class DeferredWS:
         """Whether the inputs still need gradients (else the plan is rebuilt)."""
         return all(t.requires_grad for t in self.inputs)
 
-    def supply(self) -> None:
-        """Hand the leaves to the layers for this forward (recomputed unless a pending backward still needs them
-        unchanged)."""
+    def supply(self, hand_out: bool = True) -> None:
+        """Recompute the leaves unless a pending backward still needs them unchanged, and (``hand_out``) hand them
+        to the layers for this forward (the root's forward hook takes them back)."""
         inputs = self.inputs
         if self._queued_task is not None and torch._C._current_graph_task_id() == -1:
             self._drop_failed_backward()
@@ -149,13 +149,11 @@ class DeferredWS:
             _bump_versions(self.leaves)  # a graph still holding them (retain_graph) sees the change
             self._versions, self._steps = versions, _OPTIMIZER_STEPS[0]
             for d, leaf, w, v in zip(self._dicts, self.leaves, inputs, versions):
-                # the leaf (no version: persistent; the root's forward hook takes it back), and the weight a
-                # non-reentrant checkpoint's recomputation during backward uses (WSMixin._valid_supply)
-                d["_ws_supplied"], d["_ws_supplied_version"] = leaf, None
-                d["_ws_last"], d["_ws_last_version"] = leaf, (w, v)
-        else:
+                # the weight a non-reentrant checkpoint's recomputation during backward uses (WSMixin._valid_supply)
+                d["_ws_supplied_version"], d["_ws_last"], d["_ws_last_version"] = None, leaf, (w, v)
+        if hand_out:
             for d, leaf in zip(self._dicts, self.leaves):
-                d["_ws_supplied"] = leaf
+                d["_ws_supplied"] = leaf  # no version: persistent
         if torch.is_grad_enabled():
             self._in_flight = True
 

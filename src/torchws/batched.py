@@ -200,7 +200,7 @@ class BatchedWS:
         self._check_plan()
         engine = self._deferred_engine() if self.deferred else None
         if engine is not None:
-            engine.supply()
+            engine.supply(hand_out=False)  # (the forward hooks hand weights to the layers and take them back)
             return {**dict(zip(engine.layers, engine.leaves)), **self._standardize_rest(engine)}
         return self._standardize_all()
 
@@ -328,7 +328,8 @@ class BatchedWS:
             _supply(layer, "_ws_in_pass", False)
 
     def __repr__(self) -> str:
-        return f"BatchedWS(layers={len(self._layers)}, groups={len(self._groups)}, backend={self.backend!r})"
+        deferred = ", deferred=True" if self.deferred else ""
+        return f"BatchedWS(layers={len(self._layers)}, groups={len(self._groups)}, backend={self.backend!r}{deferred})"
 
 
 def find_handle(model: nn.Module) -> BatchedWS | None:
