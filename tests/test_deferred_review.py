@@ -137,9 +137,7 @@ needs_triton_interpreter = pytest.mark.skipif(
 )
 
 
-# === bugs (xfail strict) =============================================================================================
-@pytest.mark.xfail(strict=True, reason="leaf -> C++ post-accumulate-grad hook -> _Generation -> engine -> leaf: gc "
-                                       "cannot collect it, every engine (weights, grads, buffers) leaks")  # fmt: skip
+# === bugs found in review: fixed; the two known limitations stay xfail (strict) =================================
 def test_a_dropped_model_and_its_engine_are_freed():
     _, model = _pair()
     _loss(model(_input())).backward()
@@ -150,7 +148,6 @@ def test_a_dropped_model_and_its_engine_are_freed():
     assert weight() is None, "the model's weight outlived the model"
 
 
-@pytest.mark.xfail(strict=True, reason="an engine replaced by refresh()/a rebuild is never freed (same cycle)")
 def test_an_engine_replaced_by_refresh_is_freed():
     _, model = _pair()
     _loss(model(_input())).backward()
@@ -162,8 +159,8 @@ def test_an_engine_replaced_by_refresh_is_freed():
     assert old() is None
 
 
-@pytest.mark.xfail(strict=True, reason="backward(inputs=params): the leaves are not inputs, WS weights silently get "
-                                       "no gradient")  # fmt: skip
+@pytest.mark.xfail(strict=True, reason="known limitation (torchws._deferred docstring): backward(inputs=params) "
+                                       "does not reach the leaves, the WS weights get no gradient")  # fmt: skip
 def test_backward_with_inputs_gives_the_ws_weights_their_gradient_or_raises():
     ref, model = _pair()
     _loss(ref(_input())).backward(inputs=list(ref.parameters()))
@@ -175,8 +172,6 @@ def test_backward_with_inputs_gives_the_ws_weights_their_gradient_or_raises():
     _assert_grads(ref, model)
 
 
-@pytest.mark.xfail(strict=True, reason="p.grad is assigned in the push: a WS weight's post-accumulate-grad hook never "
-                                       "fires (optimizer-in-backward leaves it untrained)")  # fmt: skip
 def test_post_accumulate_grad_hooks_fire_for_ws_weights():
     # PyTorch's "optimizer step in backward" recipe: one optimizer per parameter, stepped from its hook
     ref, model = _pair()
@@ -197,8 +192,6 @@ def test_post_accumulate_grad_hooks_fire_for_ws_weights():
     _assert_params(ref, model)
 
 
-@pytest.mark.xfail(strict=True, reason="leaves are non-view leaf tensors: autocast caches their bf16 cast, so later "
-                                       "steps in one autocast region use the first step's weights")  # fmt: skip
 @pytest.mark.parametrize("backend", ["auto", pytest.param("triton", marks=needs_triton_interpreter)])
 def test_steps_inside_one_autocast_region(backend):
     ref, model = _pair(backend=backend)
@@ -218,8 +211,6 @@ def test_steps_inside_one_autocast_region(backend):
         _assert_close(got, want, f"output of step {step}", rtol=2e-2, atol=2e-2)  # bf16 rounding, both alike
 
 
-@pytest.mark.xfail(strict=True, reason="every non-in-flight forward rewrites the leaves in place and bumps their "
-                                       "version: a retained graph raises though no weight changed")  # fmt: skip
 def test_retain_graph_then_a_new_forward_without_changes():
     ref, model = _pair()
     for m in (ref, model):
@@ -230,8 +221,6 @@ def test_retain_graph_then_a_new_forward_without_changes():
     _assert_grads(ref, model)
 
 
-@pytest.mark.xfail(strict=True, reason="the optimizer-step counter is global: another model's step between two "
-                                       "forwards of one backward retires the first forward's leaves")  # fmt: skip
 def test_an_unrelated_optimizer_step_between_two_forwards_of_one_backward():
     ref, model = _pair()
     other = nn.Linear(2, 2)
@@ -245,8 +234,6 @@ def test_an_unrelated_optimizer_step_between_two_forwards_of_one_backward():
     _assert_grads(ref, model)
 
 
-@pytest.mark.xfail(strict=True, reason="after a grad-enabled forward without backward, a new storage put in with "
-                                       "`.data =` (vector_to_parameters) is not seen: stale leaves")  # fmt: skip
 @pytest.mark.parametrize("how", ["vector_to_parameters", "data_assign"])
 def test_weights_replaced_through_data_after_a_forward_without_backward(how):
     ref, model = _pair()
@@ -265,8 +252,6 @@ def test_weights_replaced_through_data_after_a_forward_without_backward(how):
     _assert_close(outs[1], outs[0], "output with the new weights")
 
 
-@pytest.mark.xfail(strict=True, reason="the push writes .grad of a weight whose requires_grad was switched off "
-                                       "after the forward (per layer: AccumulateGrad skips it)")  # fmt: skip
 def test_weight_frozen_between_forward_and_backward_gets_no_gradient():
     ref, model = _pair()
     for m in (ref, model):
@@ -277,8 +262,6 @@ def test_weight_frozen_between_forward_and_backward_gets_no_gradient():
     _assert_grads(ref, model)  # with .grad set, the next optimizer step moves the frozen weight
 
 
-@pytest.mark.xfail(strict=True, reason="retired leaves share the new leaves' version counter: autograd's generic "
-                                       "'modified by an inplace operation ... AsStrided' fires first")  # fmt: skip
 def test_backward_of_a_retired_forward_names_the_problem():
     _, model = _pair()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -300,8 +283,11 @@ class _FailsInBackward(torch.autograd.Function):
         raise ValueError("backward failed on purpose")
 
 
-@pytest.mark.xfail(strict=True, reason="a failed backward's partial leaf gradients are dropped only by the next "
-                                       "forward: a backward of an earlier forward pushes them")  # fmt: skip
+@pytest.mark.xfail(
+    strict=True,
+    reason="known limitation (torchws._deferred docstring): a failed backward's partial leaf gradients go at the next "
+    "forward, not at an earlier backward",
+)
 def test_a_failed_backward_leaves_nothing_for_the_next_backward_without_a_forward():
     ref, model = _pair()
     for m in (ref, model):

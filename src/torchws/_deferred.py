@@ -9,36 +9,43 @@ arrive queues a callback on the autograd engine that runs when the backward ends
 gradient in one call, ``dL/dW = J^T dL/dW_hat``, from the statistics of the forward those gradients belong to.
 
 Engines (:func:`build_deferred`): the numba kernels on a CPU; on CUDA the batched torch pass captured once as a
-forward and a backward CUDA graph (``"auto"``, ``backend="cuda_graph"``: bit-identical to per layer), or the Triton
-multi-tensor kernels captured the same way (``backend="triton"``: the fastest WS alone, 2.4-2.8x the memory floor
-on ResNet-50; they sum each row in another order, ~1e-7 relative).
+forward and a backward CUDA graph (``"auto"``, ``backend="cuda_graph"``: bit-identical to per layer in our GPU
+checks, ResNet-50 fp32 and bf16), or the Triton multi-tensor kernels captured the same way (``backend="triton"``:
+the fastest WS alone, 2.4-2.8x the memory floor on ResNet-50; they sum each row in another order, ~1e-7 relative).
 Layers an engine cannot take (gain, shift, transposed convs, frozen weights) stay on the autograd pass.
 
 What changes for the user (why it is opt-in):
     * the WS parameters are not in the autograd graph: their gradients reach ``.grad`` when ``backward()`` returns
-      (added to what is there, like any backward), and ``torch.autograd.grad(loss, params)`` w.r.t. them raises
-      "One of the differentiated Tensors appears to not have been used in the graph" (``torch.func.functional_call``
-      with plain tensors swapped in falls back to the autograd pass, so ``autograd.grad`` w.r.t. those works);
+      (added to what is there, like any backward; their post-accumulate-grad hooks then run, as AccumulateGrad
+      would run them), and ``torch.autograd.grad(loss, params)`` w.r.t. them raises "One of the differentiated
+      Tensors appears to not have been used in the graph" (``torch.func.functional_call`` with plain tensors swapped
+      in falls back to the autograd pass, so ``autograd.grad`` w.r.t. those works);
+    * ``backward(inputs=[...])`` listing the WS parameters does not reach them: they get no gradient;
     * ``backward(create_graph=True)`` reaching a deferred layer raises (the push is not differentiable);
     * not under DistributedDataParallel: its reducer waits for the parameters' own gradient hooks (the trainer
-      uses it in single-process runs only);
-    * a parameter hook (``weight.register_hook``) does not fire; a hook on ``layer.weight.grad`` after backward
-      sees the final gradient as usual.
+      uses it in single-process runs only). ``enable_batched_ws`` refuses a DDP-wrapped model; wrapping after
+      enabling is not detected (DDP then fails with "Expected to have finished reduction");
+    * a tensor hook on a WS parameter (``weight.register_hook``) does not fire;
+    * a model whose WS weights live on several devices runs the autograd pass.
 
 When the leaves are recomputed: at every forward of the root model, except while a grad-enabled forward's leaves
 still wait for their backward and nothing changed since (two forwards, one backward: both must see the same
-leaves). "Changed" is a weight's version counter or any optimizer's ``step()`` (a global optimizer hook: fused
-optimizers do not bump version counters). If the weights did change while a backward is pending, the pending graph's
-leaves are retired and the forward gets new ones; a backward through a retired leaf raises, as autograd does for a
-weight modified in place between its forward and backward. Without a forward in between, a backward after an
-optimizer step gives the gradient at the weights its forward used (per layer, autograd would raise for a non-fused
-optimizer). Edits through ``.data`` between two forwards that share one backward are not seen. A backward that
-raises never runs its push (autograd drops its callbacks): the next forward drops the leaves' partial gradients, as
-``zero_grad`` after the failure does for the other parameters.
+leaves). "Changed" is a weight's version counter or storage (``.data =``), or a ``step()`` of an optimizer that holds
+one of the weights (a global optimizer hook: fused optimizers do not bump version counters). If the weights did
+change while a backward is pending, the pending graph's leaves are retired and the forward gets new ones; a backward
+through a retired leaf raises, as autograd does for a weight modified in place between its forward and backward.
+Without a forward in between, a backward after an optimizer step gives the gradient at the weights its forward used
+(per layer, autograd would raise for a non-fused optimizer). In-place edits through ``.data`` between two forwards
+that share one backward are not seen. A backward that raises never runs its push (autograd drops its callbacks): the
+next forward drops the leaves' partial gradients, as ``zero_grad`` after the failure does for the other parameters
+(a backward of another pending forward before that forward would push them too).
 """
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,12 +59,16 @@ from torchws.layers.ws import WSMixin
 __all__ = ["DeferredWS", "build_deferred"]
 
 
-_OPTIMIZER_STEPS = [0]  # every optimizer step() in the process (global post-step hook, registered on first use)
+_ENGINES: weakref.WeakSet[DeferredWS] = weakref.WeakSet()  # live engines: the optimizer hook counts their steps
 _optimizer_hook = None
 
 
 def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
+    """Global optimizer post-step hook: an engine counts the steps of optimizers that hold one of its inputs (fused
+    optimizers update in place without bumping version counters, so the count is how such an update is seen)."""
+    for engine in list(_ENGINES):
+        if engine._moved_by(optimizer):
+            engine._steps += 1
 
 
 def _watch_optimizers() -> None:
@@ -77,25 +88,36 @@ def _bump_versions(tensors: Sequence[Tensor]) -> None:
 
 class _Generation:
     """The post-accumulate-grad hook of one set of leaves; retired when the leaves are replaced during a pending
-    backward (weights changed between a forward and its backward)."""
+    backward (weights changed between a forward and its backward). Holds its engine weakly: a hook on a tensor is
+    invisible to the garbage collector, so a strong reference would keep every engine alive forever."""
 
     __slots__ = ("engine", "retired")
 
     def __init__(self, engine: DeferredWS) -> None:
-        self.engine, self.retired = engine, False
+        self.engine, self.retired = weakref.ref(engine), False
 
     def __call__(self, leaf: Tensor) -> None:
-        if self.retired:
+        engine = self.engine()
+        if self.retired or engine is None:
             leaf.grad = None
             raise RuntimeError(
-                "deferred WS: a weight was changed (optimizer step or in-place edit) between a forward and its "
-                "backward; that backward's standardized weights are gone. Run backward before changing the weights."
+                "deferred WS: a WS weight was changed (optimizer step, in-place edit, new storage) or the model's WS "
+                "plan rebuilt between a forward and its backward; run that backward before changing the weights"
             )
-        engine = self.engine
         task = torch._C._current_graph_task_id()  # one push per backward (a nested one gets its own)
         if engine._queued_task != task:
             engine._queued_task = task
             torch.autograd.Variable._execution_engine.queue_callback(engine._push)
+
+
+def _leaf_over(buffer: Tensor) -> Tensor:
+    """A leaf that needs a gradient over ``buffer``'s memory, with a version counter of its own (a later set of
+    leaves over the same memory does not bump it: autograd's check then leaves the clear error to the retired
+    hook), and a view (autocast caches the low-precision cast of non-view leaves for the whole autocast region,
+    which would hand later steps the first step's weights)."""
+    base = torch.empty(0, dtype=buffer.dtype, device=buffer.device)
+    base.set_(buffer.untyped_storage(), buffer.storage_offset(), buffer.shape, buffer.stride())
+    return base.as_strided(buffer.shape, buffer.stride()).requires_grad_()  # (a view; view() could restride)
 
 
 class DeferredWS:
@@ -113,19 +135,33 @@ class DeferredWS:
         self.rest_layers = tuple(m for g in self.rest for m in g.layers)
         self._dicts = [m.__dict__ for m in self.layers]  # the layers' supply attributes, written every step
         self._buffers = tuple(buffers)
+        self._input_ids = {id(t) for t in self.inputs}
+        self._optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # optimizer -> (groups, holds ours)
         self._versions: list[int] | None = None
-        self._steps = -1
+        self._pointers: list[int] | None = None
+        self._steps = 0  # steps of optimizers holding an input (_count_optimizer_step)
+        self._seen_steps = -1
         self._in_flight = False
         self._queued_task: int | None = None  # the backward whose end runs a queued push
         self._generation = _Generation(self)
         self.leaves = self._make_leaves()
+        _ENGINES.add(self)
         _watch_optimizers()
 
     def _make_leaves(self) -> tuple[Tensor, ...]:
-        leaves = tuple(b.detach().requires_grad_() for b in self._buffers)
+        leaves = tuple(_leaf_over(b) for b in self._buffers)
         for leaf in leaves:
             leaf.register_post_accumulate_grad_hook(self._generation)
         return leaves
+
+    def _moved_by(self, optimizer) -> bool:
+        """Whether ``optimizer`` holds one of the inputs (cached per optimizer and number of parameter groups)."""
+        groups = optimizer.param_groups
+        cached = self._optimizers.get(optimizer)
+        if cached is None or cached[0] != len(groups):
+            cached = (len(groups), any(id(p) in self._input_ids for g in groups for p in g["params"]))
+            self._optimizers[optimizer] = cached
+        return cached[1]
 
     def usable(self) -> bool:
         """Whether the inputs still need gradients (else the plan is rebuilt)."""
@@ -133,24 +169,32 @@ class DeferredWS:
 
     def supply(self, hand_out: bool = True) -> None:
         """Recompute the leaves unless a pending backward still needs them unchanged, and (``hand_out``) hand them
-        to the layers for this forward (the root's forward hook takes them back)."""
+        to the layers for this forward (the root's forward hook takes them back).
+
+        "Changed": an input's version counter or storage, or a step of an optimizer holding one. Without a pending
+        backward the leaves are recomputed anyway (edits through ``.data`` are seen then), but their version is
+        bumped only on a change: a graph kept by ``retain_graph`` stays usable across a forward that changed nothing.
+        """
         inputs = self.inputs
         if self._queued_task is not None and torch._C._current_graph_task_id() == -1:
             self._drop_failed_backward()
         versions = [t._version for t in inputs]
-        if not (self._in_flight and versions == self._versions and _OPTIMIZER_STEPS[0] == self._steps):
-            if self._in_flight:  # changed under a pending backward: that graph keeps (and must not use) the old
+        pointers = [t.data_ptr() for t in inputs]
+        changed = versions != self._versions or pointers != self._pointers or self._steps != self._seen_steps
+        if changed or not self._in_flight:
+            if changed and self._in_flight:  # that pending graph keeps (and must not use) the old leaves
                 self._generation.retired = True
                 self._generation = _Generation(self)
                 self.leaves = self._make_leaves()
                 self._queued_task = None
             with torch.no_grad():  # (the kernels' inputs are copied in: no autograd history on the engine's buffers)
                 self._compute()
-            _bump_versions(self.leaves)  # a graph still holding them (retain_graph) sees the change
-            self._versions, self._steps = versions, _OPTIMIZER_STEPS[0]
-            for d, leaf, w, v in zip(self._dicts, self.leaves, inputs, versions):
-                # the weight a non-reentrant checkpoint's recomputation during backward uses (WSMixin._valid_supply)
-                d["_ws_supplied_version"], d["_ws_last"], d["_ws_last_version"] = None, leaf, (w, v)
+            if changed:
+                _bump_versions(self.leaves)  # a graph still holding them (retain_graph) sees the change
+                self._versions, self._pointers, self._seen_steps = versions, pointers, self._steps
+                for d, leaf, w, v in zip(self._dicts, self.leaves, inputs, versions):
+                    # the weight a non-reentrant checkpoint's recomputation during backward uses (_valid_supply)
+                    d["_ws_supplied_version"], d["_ws_last"], d["_ws_last_version"] = None, leaf, (w, v)
         if hand_out:
             for d, leaf in zip(self._dicts, self.leaves):
                 d["_ws_supplied"] = leaf  # no version: persistent
@@ -183,12 +227,16 @@ class DeferredWS:
             )
         with torch.no_grad():
             for p, d in zip(self.inputs, self._backward(grads)):
-                if d is None:
+                if d is None or not p.requires_grad:  # (frozen since the forward: autograd would skip it too)
                     continue
                 if p.grad is None:
                     p.grad = d
                 else:
                     p.grad.add_(d)
+                hooks = p._post_accumulate_grad_hooks  # what AccumulateGrad would run (optimizer-in-backward)
+                if hooks:
+                    for hook in tuple(hooks.values()):
+                        hook(p)
 
     def _compute(self) -> None:  # pragma: no cover (abstract)
         raise NotImplementedError
@@ -248,12 +296,12 @@ class _GraphDeferred(DeferredWS):
         with torch.enable_grad():
             self._graph = GraphedPass(run, inputs)
         super().__init__(layers, inputs, self._graph.static_outputs)
-        self._pointers = [t.data_ptr() for t in self.inputs]
+        self._captured_pointers = [t.data_ptr() for t in self.inputs]
 
     def usable(self) -> bool:
         # identity, shapes, strides and dtypes are the batched pass's plan check; storage moves (``.to()``,
         # ``.data =``) are seen here (the full graph_signature per step costs ~50 us of host time on ResNet-50)
-        return super().usable() and [t.data_ptr() for t in self.inputs] == self._pointers
+        return super().usable() and [t.data_ptr() for t in self.inputs] == self._captured_pointers
 
     def _compute(self) -> None:
         self._graph.forward_graph.replay()
@@ -312,10 +360,15 @@ class _TritonDeferred(DeferredWS):
         if device.type == "cuda":
             try:
                 self._capture()
-            except RuntimeError as e:  # the kernels still run, launched from Python each step
-                torch.cuda.synchronize()
-                self.capture_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            self._pointers = [t.data_ptr() for t in self.inputs]
+            except Exception as e:  # (triton's own errors are not RuntimeErrors) the kernels still run, uncaptured
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize()
+                self._graphs = None
+                self.capture_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                warnings.warn(f"torchws deferred WS: capturing the Triton kernels as CUDA graphs failed "
+                              f"({self.capture_error}); launching them from Python instead (slower)",
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
+            self._captured_pointers = [t.data_ptr() for t in self.inputs]
 
     def _forward_work(self) -> None:
         torch._foreach_copy_(self._x_views, self.inputs)
@@ -346,7 +399,9 @@ class _TritonDeferred(DeferredWS):
 
     def usable(self) -> bool:
         # captured graphs read the weights where they were: a moved storage (``.to()``, ``.data =``) re-captures
-        return super().usable() and (self._graphs is None or [t.data_ptr() for t in self.inputs] == self._pointers)
+        return super().usable() and (
+            self._graphs is None or [t.data_ptr() for t in self.inputs] == self._captured_pointers
+        )
 
     def _compute(self) -> None:
         if self._graphs is not None:
@@ -429,24 +484,42 @@ def _build(layers: Sequence[WSMixin], groups: Sequence[_Group], engine: str = "a
 
     if not layers or not all(isinstance(m.weight, torch.nn.Parameter) for m in layers):
         return None  # (plain tensors swapped in, as torch.func.functional_call does: autograd.grad must reach them)
-    devices = {m.weight.device.type for m in layers}
-    if len(devices) != 1:
+    devices = {m.weight.device for m in layers}
+    if len(devices) != 1:  # (a model split over devices: one engine's buffers live on one device)
         return None
     device = devices.pop()
     if engine == "auto":
-        engine = "numba" if device == "cpu" else "graph"
-    if engine == "numba" and device == "cpu" and _cpu_kernels() is not None:
+        engine = "numba" if device.type == "cpu" else "graph"
+    if device.type == "cuda":  # streams, graphs and buffers on the weights' device, whatever the current one is
+        with torch.cuda.device(device):
+            return _build_cuda(layers, groups, engine, device)
+    if engine == "numba" and device.type == "cpu" and _cpu_kernels() is not None:
         kernel = _cpu_kernels()
         frozen = [m for m in layers if not m.weight.requires_grad]
         plan = _numba_plan(_make_groups([m for m in layers if m.weight.requires_grad]), kernel)
         if plan.launches:
             return _NumbaDeferred(plan.launches, [*plan.rest, *_make_groups(frozen)], kernel)
     elif engine == "triton" and is_available(device):
-        buckets, rest = _triton_buckets(layers)
-        if buckets:
-            return _TritonDeferred(buckets, _make_groups(rest))
-    elif engine == "graph" and device == "cuda":
+        return _build_triton(layers)
+    return None
+
+
+def _build_triton(layers: Sequence[WSMixin]) -> DeferredWS | None:
+    from torchws._backends import _make_groups
+
+    buckets, rest = _triton_buckets(layers)
+    return _TritonDeferred(buckets, _make_groups(rest)) if buckets else None
+
+
+def _build_cuda(layers: Sequence[WSMixin], groups: Sequence[_Group], engine: str, device: torch.device):
+    from torchws.kernels import is_available
+
+    if engine == "triton" and is_available(device):
+        return _build_triton(layers)
+    if engine == "graph":
         inputs = [*(m.weight for m in layers), *(t for m in layers for t in (m.gain, m.shift) if t is not None)]
-        if all(t.requires_grad for t in inputs) and len({t.dtype for t in inputs}) == 1:
+        if all(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in inputs) and len(
+            {t.dtype for t in inputs}
+        ) == 1:
             return _GraphDeferred(layers, groups, inputs)
     return None

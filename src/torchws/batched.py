@@ -177,8 +177,18 @@ class BatchedWS:
         self._signature = tuple(_layer_signature(m) for m in self._layers)
         self._groups = _make_groups(self._layers)
         self._numba: _NumbaPlan | None = None  # the CPU kernels' launches, built on first use
-        # deferred=True: the engine (torchws._deferred), built on first use; False where none applies to this plan.
-        # A replaced engine lives on in its leaves' hooks until their pending backward has pushed its gradients.
+        # deferred=True: the engine (torchws._deferred), built on first use; False where none applies to this plan
+        self._retire_engine()
+
+    def _retire_engine(self) -> None:
+        """Drop the deferred engine; one a pending backward still needs is kept (its leaves' hooks hold it only
+        weakly) until its push has run: the last two such, as a forward whose graph is never used keeps its engine
+        pending for good."""
+        old = getattr(self, "_deferred", None)
+        kept = [e for e in getattr(self, "_retired", []) if e._in_flight]
+        if isinstance(old, DeferredWS) and old._in_flight:
+            kept.append(old)
+        self._retired: list[DeferredWS] = kept[-2:]
         self._deferred: DeferredWS | bool | None = None
 
     @property
@@ -224,6 +234,7 @@ class BatchedWS:
             return None
         engine = self._deferred
         if engine is None or (engine is not False and not engine.usable()):
+            self._retire_engine()  # (before building: the old engine's buffers go first)
             kind = {"cuda_graph": "graph", "triton": "triton", "numba": "numba"}.get(self.backend, "auto")
             engine = self._deferred = build_deferred(self._layers, self._groups, kind) or False
         if engine is False or (engine.inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()):
@@ -270,7 +281,7 @@ class BatchedWS:
         state = self.__dict__.copy()
         state["_graph"] = None  # CUDA graphs are neither copyable nor picklable: a copy captures its own
         state["_numba"] = None  # holds the weights: a copy must plan with its own
-        state["_deferred"] = None  # the same, and the leaves' hooks
+        state["_deferred"], state["_retired"] = None, []  # the same, and the leaves' hooks
         state["_engine_now"] = None
         return state
 
