@@ -21,9 +21,10 @@ transposed, no dense rows) run the torch path in the same pass.
 
 ``enable_batched_ws(model, deferred=True)`` (:mod:`torchws._deferred`) hands the layers persistent standardized
 weights instead, overwritten in place each forward, and computes every weight gradient in one call when backward
-ends: no autograd node per step for the pass. Fastest measured (CPU: numba kernels; CUDA: Triton kernels replayed
-from CUDA graphs), but the WS parameters leave the autograd graph (no ``torch.autograd.grad`` w.r.t. them, no
-``create_graph``, no DDP); the trainer turns it on in single-process runs.
+ends: no autograd node per step for the pass. Fastest measured (CPU: numba kernels; CUDA: the torch pass replayed
+from CUDA graphs, or the Triton kernels with ``backend="triton"``), but the WS parameters leave the autograd graph
+(no ``torch.autograd.grad`` w.r.t. them, no ``create_graph``, no DDP); the trainer turns it on in single-process
+runs.
 
 Numerics: the same formulas as :func:`~torchws.functional.standardize_rows`; population variance with eps inside
 the root runs as ``F.layer_norm`` (2-3x faster than ``F.batch_norm`` on the CPU). Without concatenation every layer
