@@ -798,3 +798,24 @@ def test_standardize_called_directly_leaves_no_supply_behind():
                 r.weight.mul_(-1.5)
                 m.weight.mul_(-1.5)
             torch.testing.assert_close(m.standardized_weight(), r.standardized_weight(), rtol=0, atol=0)
+
+
+@needs_numba
+def test_unfreezing_after_an_all_frozen_forward_brings_the_engine_back():
+    # with every WS weight frozen no engine applies; unfreezing must not leave the model on the autograd pass for good
+    ref, model = _resnet_pair()
+    for m in (ref, model):
+        for layer in m.modules():
+            if isinstance(layer, WSMixin):
+                layer.weight.requires_grad_(False)
+    model(torch.randn(1, 3, 16, 16))
+    assert find_handle(model)._deferred is False
+    for m in (ref, model):
+        for layer in m.modules():
+            if isinstance(layer, WSMixin):
+                layer.weight.requires_grad_(True)
+    x = torch.randn(2, 3, 16, 16)
+    for m in (ref, model):
+        m(x).sum().backward()
+    assert isinstance(find_handle(model)._deferred, DeferredWS)
+    _assert_grads(ref, model)

@@ -191,6 +191,7 @@ class BatchedWS:
             kept.append(old)
         self._retired: list[DeferredWS] = kept[-2:]
         self._deferred: DeferredWS | bool | None = None
+        self._deferred_flags: tuple[bool, ...] = ()  # the weights' requires_grad when the engine was (not) built
 
     @property
     def layers(self) -> tuple[WSMixin, ...]:
@@ -234,10 +235,13 @@ class BatchedWS:
         if torch.compiler.is_compiling() or _kernel_function_unusable():
             return None
         engine = self._deferred
+        if engine is False and self._deferred_flags != tuple(m.weight.requires_grad for m in self._layers):
+            engine = None  # no engine applied with the layers frozen as they were (e.g. all): try again
         if engine is None or (engine is not False and not engine.usable()):
             self._retire_engine()  # (before building: the old engine's buffers go first)
             kind = {"cuda_graph": "graph", "triton": "triton", "numba": "numba"}.get(self.backend, "auto")
             engine = self._deferred = build_deferred(self._layers, self._groups, kind) or False
+            self._deferred_flags = tuple(m.weight.requires_grad for m in self._layers)
         if engine is False or (engine.inputs[0].is_cuda and torch.cuda.is_current_stream_capturing()):
             return None
         return engine
