@@ -22,6 +22,14 @@ from torch.utils.checkpoint import checkpoint
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from deferred_helpers import ATOL, RTOL, one_thread  # noqa: E402, F401 (one_thread: autouse)
+from deferred_helpers import assert_close as _assert_close  # noqa: E402
+from deferred_helpers import assert_grads as _assert_grads  # noqa: E402
+from deferred_helpers import assert_params as _assert_params  # noqa: E402
+from deferred_helpers import engine_of as _engine  # noqa: E402
+from deferred_helpers import loss as _loss  # noqa: E402
+from deferred_helpers import triton_on_cpu as _triton_on_cpu  # noqa: E402
+
 from torchws._deferred import DeferredWS  # noqa: E402
 from torchws.accumulate import ws_accumulation  # noqa: E402
 from torchws.batched import disable_batched_ws, enable_batched_ws, find_handle  # noqa: E402
@@ -30,16 +38,6 @@ from torchws.layers.ws import WSConv1d, WSConv2d, WSConv3d, WSConvTranspose2d, W
 from torchws.models import create_model  # noqa: E402
 
 needs_numba = pytest.mark.skipif(not cpu_ws.is_available(), reason="the CPU deferred engine needs numba")
-RTOL, ATOL = 1e-5, 1e-5  # ATOL relative to the reference's largest element (fp32 rounding of sums over layers)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Hand(nn.Module):
@@ -111,17 +109,6 @@ def _hand_input(seed: int = 1, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, 6, 6, generator=torch.Generator().manual_seed(seed))
 
 
-def _loss(y: torch.Tensor) -> torch.Tensor:
-    # weights every output differently: a plain sum would give every row of the last layer the same gradient
-    return (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + 0.5 * y.square().sum()
-
-
-def _engine(model: nn.Module) -> DeferredWS:
-    engine = find_handle(model)._deferred
-    assert isinstance(engine, DeferredWS), f"no deferred engine ran: {engine!r}"
-    return engine
-
-
 def _assert_engine_ran(model: nn.Module, names=ENGINE_LAYERS) -> None:
     """The named layers' last forward used the engine's leaves (not the autograd pass)."""
     engine = _engine(model)
@@ -130,27 +117,6 @@ def _assert_engine_ran(model: nn.Module, names=ENGINE_LAYERS) -> None:
         layer = model.get_submodule(name)
         assert layer in leaves, f"{name} is not on the deferred engine"
         assert layer._ws_last is leaves[layer], f"{name}'s last forward did not read the engine's leaf"
-
-
-def _assert_close(
-    got: torch.Tensor, want: torch.Tensor, rtol: float = RTOL, atol: float = ATOL, what: str = ""
-) -> None:
-    scale = max(1e-3, want.abs().max().item())
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
-
-
-def _assert_grads(ref: nn.Module, model: nn.Module, rtol: float = RTOL, atol: float = ATOL) -> None:
-    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
-        if p.grad is None:
-            assert q.grad is None, f"{name}: per layer has no gradient, deferred has one"
-            continue
-        assert q.grad is not None, f"{name}: deferred lost the gradient"
-        _assert_close(q.grad, p.grad, rtol, atol, f"grad of {name}")
-
-
-def _assert_params(ref: nn.Module, model: nn.Module, rtol: float = RTOL, atol: float = ATOL) -> None:
-    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
-        _assert_close(q, p, rtol, atol, name)
 
 
 # --- training against per layer -------------------------------------------------------------------------------------
@@ -741,12 +707,6 @@ class _Convs(nn.Module):
         h = F.relu(self.c1(x) / 27**0.5)
         h = F.relu(self.c3(F.relu(self.c2(h) / 6)) / 2)
         return self.fc(h.mean((2, 3))) / 2
-
-
-def _triton_on_cpu() -> bool:
-    from torchws.kernels import is_available
-
-    return is_available("cpu")
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -21,21 +21,19 @@ from torch.utils.checkpoint import checkpoint
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported (see test_deferred.py)
 
-from torchws._deferred import DeferredWS  # noqa: E402
+from deferred_helpers import ATOL, RTOL, one_thread  # noqa: E402, F401 (one_thread: autouse)
+from deferred_helpers import assert_close as _assert_close  # noqa: E402
+from deferred_helpers import assert_grads as _assert_grads  # noqa: E402
+from deferred_helpers import assert_params as _assert_params  # noqa: E402
+from deferred_helpers import engine_of as _engine  # noqa: E402
+from deferred_helpers import loss as _loss  # noqa: E402
+from deferred_helpers import triton_on_cpu as _triton_on_cpu  # noqa: E402
+
 from torchws.batched import enable_batched_ws, find_handle  # noqa: E402
 from torchws.kernels import cpu_ws  # noqa: E402
 from torchws.layers.ws import WSConv2d, WSLinear  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu_ws.is_available(), reason="the CPU deferred engine needs numba")
-RTOL, ATOL = 1e-5, 1e-5
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Net(nn.Module):
@@ -95,41 +93,6 @@ def _pair(cls=Net, seed: int = 0, **kwargs) -> tuple[nn.Module, nn.Module]:
 
 def _input(seed: int = 1, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, 5, 5, generator=torch.Generator().manual_seed(seed))
-
-
-def _loss(y: torch.Tensor) -> torch.Tensor:
-    return (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum() + 0.5 * y.square().sum()
-
-
-def _engine(model: nn.Module) -> DeferredWS:
-    engine = find_handle(model)._deferred
-    assert isinstance(engine, DeferredWS), f"no deferred engine ran: {engine!r}"
-    return engine
-
-
-def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str = "", rtol: float = RTOL, atol: float = ATOL):
-    scale = max(1e-3, want.abs().max().item())
-    torch.testing.assert_close(got, want, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
-
-
-def _assert_grads(ref: nn.Module, model: nn.Module) -> None:
-    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
-        if p.grad is None:
-            assert q.grad is None, f"{name}: per layer has no gradient, deferred has one"
-        else:
-            assert q.grad is not None, f"{name}: deferred lost the gradient"
-            _assert_close(q.grad, p.grad, f"grad of {name}")
-
-
-def _assert_params(ref: nn.Module, model: nn.Module) -> None:
-    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
-        _assert_close(q, p, name)
-
-
-def _triton_on_cpu() -> bool:
-    from torchws.kernels import is_available
-
-    return not torch.cuda.is_available() and is_available("cpu")
 
 
 needs_triton_interpreter = pytest.mark.skipif(
