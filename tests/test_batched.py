@@ -393,6 +393,25 @@ def test_graphed_pass_gradient_views_follow_each_input_layout():
     assert torch.equal(torch.sort(torch.cat([v.reshape(-1) for v in views])).values, flat)
 
 
+def test_graphed_pass_cuts_contiguous_gradient_views_in_one_call():
+    from torchws.kernels.cuda_graph import GraphedPass, _contiguous_likes, _dense_strides
+
+    inputs = [torch.randn(4, 3, 2, 2), torch.randn(5, 7), torch.randn(6)]
+    runner = object.__new__(GraphedPass)
+    runner._layout = [(t.shape, _dense_strides(t)) for t in inputs]
+    runner._offsets = [0, 48, 83, 89]
+    flat = torch.arange(89.0)
+    slow = runner.unflatten(flat)  # (no _likes: the as_strided path)
+    runner._likes = _contiguous_likes(runner._layout)
+    assert runner._likes is not None
+    fast = runner.unflatten(flat)
+    for a, b in zip(fast, slow):
+        assert a.shape == b.shape and a.stride() == b.stride() and a.data_ptr() == b.data_ptr()
+        assert torch.equal(a, b)
+    channels_last = [torch.randn(4, 3, 2, 2).contiguous(memory_format=torch.channels_last)]
+    assert _contiguous_likes([(t.shape, _dense_strides(t)) for t in channels_last]) is None
+
+
 def test_graphed_pass_does_not_match_new_parameters_sharing_storage():
     # e.g. load_state_dict(model.state_dict(), assign=True): new Parameter objects over the same storage. The
     # replay hands gradients to the captured inputs, so a capture for the old objects must not be reused.

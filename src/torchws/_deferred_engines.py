@@ -15,6 +15,7 @@ from torch import Tensor
 
 from torchws._deferred import DeferredWS
 from torchws._plan import _Group
+from torchws.kernels.cuda_graph import _contiguous_likes
 from torchws.layers.ws import WSMixin
 
 __all__ = ["build"]
@@ -117,6 +118,7 @@ class _TritonDeferred(DeferredWS):
         self._x, self._y, self._g = (torch.empty(total, dtype=dtype, device=device) for _ in range(3))
         starts = _starts([w.numel() for w in weights])
         self._layout = [(w.shape, w.stride(), start) for w, start in zip(weights, starts)]
+        self._likes = _contiguous_likes([(shape, stride) for shape, stride, _ in self._layout])
         self._x_views, y_views, self._g_views = (
             [flat.as_strided(*where) for where in self._layout] for flat in (self._x, self._y, self._g)
         )
@@ -198,6 +200,9 @@ class _TritonDeferred(DeferredWS):
         else:
             dx = torch.empty_like(self._x)
             self._backward_work(dx)
+        if self._likes is not None:  # (one C++ call instead of a Python as_strided per weight)
+            views = torch._utils._unflatten_dense_tensors(dx, self._likes)
+            return [None if grad is None else v for grad, v in zip(grads, views)]
         return [None if grad is None else dx.as_strided(*where) for grad, where in zip(grads, self._layout)]
 
 

@@ -41,6 +41,13 @@ def _dense_strides(t: Tensor) -> tuple[int, ...]:
     return torch.empty(t.shape, device="meta").stride()
 
 
+def _contiguous_likes(layout: Sequence[tuple[torch.Size, tuple[int, ...]]]) -> tuple[Tensor, ...] | None:
+    """Storage-less tensors of the layout's shapes when every stride is the contiguous one (what torch's C++
+    ``unflatten_dense_tensors`` cuts views by), else None."""
+    likes = tuple(torch.empty(shape, device="meta") for shape, _ in layout)
+    return likes if all(like.stride() == stride for like, (_, stride) in zip(likes, layout)) else None
+
+
 class GraphedPass:
     """``fn(tensors) -> list[Tensor]``, differentiable in ``tensors``, captured as forward and backward graphs.
 
@@ -80,6 +87,7 @@ class GraphedPass:
         self.static_outputs = tuple(outs)
         self.static_grad_outputs = tuple(torch.empty_like(o) for o in outs)
         self._layout = [(t.shape, _dense_strides(t)) for t in self.inputs]
+        self._likes = _contiguous_likes(self._layout)
         self._offsets = [0]
         for t in self.inputs:
             self._offsets.append(self._offsets[-1] + t.numel())
@@ -106,7 +114,11 @@ class GraphedPass:
         )
 
     def unflatten(self, flat: Tensor) -> list[Tensor]:
-        """Input-shaped (and input-strided) views into a flat gradient buffer."""
+        """Input-shaped (and input-strided) views into a flat gradient buffer (all inputs contiguous: cut in C++,
+        one call instead of a Python ``as_strided`` per input, ~2 us each on a GPU host)."""
+        likes = getattr(self, "_likes", None)
+        if likes is not None:
+            return list(torch._utils._unflatten_dense_tensors(flat, likes))
         return [
             flat.as_strided(shape, stride, flat.storage_offset() + start)
             for (shape, stride), start in zip(self._layout, self._offsets)
