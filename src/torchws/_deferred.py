@@ -12,7 +12,9 @@ Engines (:func:`build_deferred`): the numba kernels on a CPU; on CUDA the batche
 forward and a backward CUDA graph (``"auto"``, ``backend="cuda_graph"``: bit-identical to per layer in our GPU
 checks, ResNet-50 fp32 and bf16), or the Triton multi-tensor kernels captured the same way (``backend="triton"``:
 the fastest WS alone, 2.4-2.8x the memory floor on ResNet-50; they sum each row in another order, ~1e-7 relative).
-Layers an engine cannot take (gain, shift, transposed convs, frozen weights) stay on the autograd pass.
+Layers an engine cannot take (gain, shift, transposed convs, frozen weights) stay on the autograd pass. Memory: the
+leaves are one more copy of the WS weights (numba); the CUDA engines keep about four (the leaves, the incoming
+gradients, the outgoing ones, and the graph engine's saved tensors or the Triton engine's packed weights).
 
 What changes for the user (why it is opt-in):
     * the WS parameters are not in the autograd graph: their gradients reach ``.grad`` when ``backward()`` returns
