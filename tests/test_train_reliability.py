@@ -240,3 +240,30 @@ def test_image_folder_resume_mid_epoch_is_bit_exact(tmp_path):
     resumed = run_trainer(tiny_cfg(tmp_path / "b", workers=1, resume="auto", **recipe), None)
     assert resumed.step == straight.step == 12
     assert_same_params(straight.model, resumed.model)
+
+
+def test_resumed_tensorboard_purges_the_killed_runs_events_past_the_checkpoint(tmp_path, monkeypatch):
+    """The JSON lines drop records past the checkpoint on resume; TensorBoard's events must go too (purge_step), or
+    the curves show the killed run's steps twice. A stand-in SummaryWriter records what it was given (tensorboard
+    itself is an optional package)."""
+    import sys
+    import types
+
+    made = []
+
+    class Writer:
+        def __init__(self, log_dir, purge_step=None):
+            made.append((log_dir, purge_step))
+
+        def add_scalar(self, *args):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=Writer))
+    MetricsLogger(tmp_path, tensorboard=True).close()
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 7}\n{"kind": "train", "step": 9}\n')
+    MetricsLogger(tmp_path, tensorboard=True, truncate_after_step=7).close()
+    assert made == [(str(tmp_path / "tensorboard"), None), (str(tmp_path / "tensorboard"), 8)]
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [7]

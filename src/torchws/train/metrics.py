@@ -18,7 +18,8 @@ class MetricsLogger:
 
     Only rank 0 should create one. ``truncate_after_step``: on resume, drop records of steps past the checkpoint so
     the file reads as one uninterrupted run (rewritten atomically; a half-written last line left by a kill is dropped,
-    any other line the trainer cannot parse is kept as it is). None: start an empty file.
+    any other line the trainer cannot parse is kept as it is; TensorBoard's events past it are purged). None: start
+    an empty file.
     """
 
     def __init__(
@@ -35,7 +36,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+                # on resume, TensorBoard hides the killed run's events past the checkpoint (as the JSON lines drop)
+                purge = None if truncate_after_step is None else truncate_after_step + 1
+                self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
             except ImportError:  # tensorboard is optional: JSON lines are the record
                 self._tb = None
 
