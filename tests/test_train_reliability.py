@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -267,3 +268,31 @@ def test_resumed_tensorboard_purges_the_killed_runs_events_past_the_checkpoint(t
     MetricsLogger(tmp_path, tensorboard=True, truncate_after_step=7).close()
     assert made == [(str(tmp_path / "tensorboard"), None), (str(tmp_path / "tensorboard"), 8)]
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [7]
+
+
+def test_image_folder_resume_mid_epoch_does_not_decode_the_done_batches(tmp_path, monkeypatch):
+    """A resumed epoch's loader starts past its done batches instead of decoding them only to drop them: the resumed
+    run reads exactly batch_in_epoch x batch_size fewer images than the same resume replaying the loader."""
+    from torchws.data import ImageFolderDataset
+    from torchws.train import inputs
+
+    write_png_folder(tmp_path / "data")
+    recipe = dict(dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=8, batch_size=2, epochs=1,
+                  workers=0)  # fmt: skip
+    run_trainer(tiny_cfg(tmp_path / "b", max_steps=3, **recipe), None)  # stops after batch 3 of 6
+    reads = []
+    original = ImageFolderDataset.__getitem__
+    monkeypatch.setattr(ImageFolderDataset, "__getitem__", lambda self, i: reads.append(i) or original(self, i))
+    for skipping in (True, False):
+        if not skipping:
+            monkeypatch.delattr(inputs._FolderTrainLoader, "skip_batches")  # the replay path, as before
+        reads.clear()
+        run_dir = tmp_path / f"resume_{skipping}"
+        shutil.copytree(tmp_path / "b", run_dir)
+        resumed = run_trainer(tiny_cfg(run_dir, resume="auto", **recipe), None)
+        assert resumed.step == 6
+        if skipping:
+            fast, fast_params = len(reads), {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    assert len(reads) - fast == 3 * 2
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, fast_params[key]), key

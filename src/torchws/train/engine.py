@@ -293,16 +293,24 @@ class Trainer:
     def _train_epoch(self, logger: MetricsLogger | None, signals: StopSignals) -> tuple[dict[str, Any], float]:
         cfg, loader = self.cfg, self.inputs.train
         loader.set_epoch(self.epoch)  # type: ignore[attr-defined]
-        batches = iter(loader)  # type: ignore[call-overload]
         skip, stats = self.batch_in_epoch, StepStats()
+        # resumed mid-epoch: an image-folder loader starts past the done batches; the in-memory one is replayed so
+        # its random stream stays in step (cheap: index gathers)
+        skips_itself = skip > 0 and hasattr(loader, "skip_batches")
+        if skips_itself:
+            loader.skip_batches(skip * cfg.accum_steps)  # type: ignore[attr-defined]
+        batches = iter(loader)  # type: ignore[call-overload]
         end = min(self.steps_per_epoch, skip + self.total_steps - self.step)
         bar = _progress(cfg.progress and self.echo, end, skip, f"epoch {self.epoch + 1}/{cfg.epochs}")
         self.model.train()
         start = time.perf_counter()
         for index in range(end):
-            micro = [next(batches) for _ in range(cfg.accum_steps)]
-            if index < skip:  # resumed mid-epoch: replay the loader so its random stream stays in step
+            if index < skip:
+                if not skips_itself:
+                    for _ in range(cfg.accum_steps):
+                        next(batches)
                 continue
+            micro = [next(batches) for _ in range(cfg.accum_steps)]
             lr = self.schedule.apply(self.optimizer)
             self.optimizer.zero_grad(set_to_none=True)
             train_step(self.model, self.wrapped, micro, stats, info=self.info, device=self.device, bf16=cfg.bf16,

@@ -10,12 +10,13 @@ the model is built with ``in_chans`` = the dataset's channels.
 from __future__ import annotations
 
 import difflib
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, Subset
 
 from torchws import data as tdata
 from torchws import models as tmodels
@@ -45,6 +46,21 @@ class Inputs:
     test_images: int
 
 
+class _SkipFirst(Sampler):
+    """``sampler``'s indices without the first ``skip`` of the next iteration only (a resumed epoch's done batches:
+    the loader need not decode images only to throw them away; every item's crop is a function of its own index)."""
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler, self.skip = sampler, 0
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.sampler), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+
 class _FolderTrainLoader:
     """DataLoader over an ImageFolderDataset with the TensorLoader interface (set_epoch, len, iter)."""
 
@@ -58,7 +74,9 @@ class _FolderTrainLoader:
         # a generator of its own: starting an iteration draws the workers' base seed from it, not from the global RNG
         # (the one the model's randomness uses and checkpoints restore), which a resumed run would then see shifted.
         # The workers ignore SIGTERM / SIGINT sent to the whole process group: the trainer stops them at a step boundary
-        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+        self._skipping = _SkipFirst(self.sampler)
+        self.batch_size = cfg.batch_size
+        self.loader = DataLoader(dataset, batch_size=cfg.batch_size, sampler=self._skipping, num_workers=cfg.workers,
                                  drop_last=True, pin_memory=torch.cuda.is_available(),
                                  generator=torch.Generator().manual_seed(cfg.seed),
                                  worker_init_fn=ignore_stop_signals)  # fmt: skip
@@ -70,6 +88,10 @@ class _FolderTrainLoader:
             self.sampler.set_epoch(epoch)
         else:
             self.sampler.generator = torch.Generator().manual_seed(self.seed + epoch)
+
+    def skip_batches(self, count: int) -> None:
+        """The next iteration starts ``count`` batches in (a resumed epoch); later ones start at the beginning."""
+        self._skipping.skip = count * self.batch_size
 
     def __len__(self) -> int:
         return len(self.loader)
