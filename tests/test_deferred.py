@@ -779,3 +779,15 @@ def test_unfreezing_after_an_all_frozen_forward_brings_the_engine_back():
         m(x).sum().backward()
     assert isinstance(find_handle(model)._deferred, DeferredWS)
     _assert_grads(ref, model)
+
+
+def test_a_graph_capture_that_fails_warns_and_leaves_the_autograd_pass(monkeypatch):
+    # (the CUDA graph engine's construction, made to fail here on the CPU: the forward must not crash the run)
+    import torchws._deferred_engines as engines
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(engines, "_GraphDeferred", refuse)
+    with pytest.warns(RuntimeWarning, match="capturing the pass as CUDA graphs failed.*capture refused"):
+        assert engines._build_cuda([WSConv2d(3, 4, 3)], [], "graph", torch.device("cpu")) is None

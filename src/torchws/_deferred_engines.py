@@ -291,5 +291,13 @@ def _build_cuda(layers: Sequence[WSMixin], groups: Sequence[_Group], engine: str
         if all(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in inputs) and len(
             {t.dtype for t in inputs}
         ) == 1:
-            return _GraphDeferred(layers, groups, inputs)
+            try:
+                return _GraphDeferred(layers, groups, inputs)
+            except Exception as e:  # (out of memory, a capture the driver refuses): the autograd pass still runs
+                with contextlib.suppress(Exception):
+                    torch.cuda.synchronize()
+                warnings.warn(f"torchws deferred WS: capturing the pass as CUDA graphs failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the autograd pass instead",
+                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                return None
     return None
