@@ -35,9 +35,9 @@ def _engine(model):
 def _instrument(engine, acc: dict[str, float]) -> None:
     supply, push = engine.supply, engine._push
 
-    def timed_supply():
+    def timed_supply(*args, **kwargs):
         t = time.perf_counter()
-        supply()
+        supply(*args, **kwargs)
         acc["supply"] += time.perf_counter() - t
 
     def timed_push():

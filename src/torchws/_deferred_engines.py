@@ -6,6 +6,7 @@ turns the leaves' gradients into the inputs' in ``_backward``; :func:`build` pic
 from __future__ import annotations
 
 import contextlib
+import itertools
 import warnings
 from collections.abc import Sequence
 
@@ -15,7 +16,8 @@ from torch import Tensor
 
 from torchws._deferred import DeferredWS
 from torchws._plan import _Group
-from torchws.kernels.cuda_graph import _contiguous_likes
+from torchws.kernels.cpu_ws import _dense_rows
+from torchws.kernels.cuda_graph import _contiguous_likes, copy_grads_into
 from torchws.layers.ws import WSMixin
 
 __all__ = ["build"]
@@ -43,17 +45,9 @@ class _NumbaDeferred(DeferredWS):
             kernel.standardize_into(spec, kernel.pointers(ws), ys, r, k)  # weights' pointers: `.data = ...` moves them
 
     def _backward(self, grads: list[Tensor | None]) -> list[Tensor | None]:
-        kernel = self._kernel
         out: list[Tensor | None] = []
         for part, _, spec, ys, r, k in self._launches:
-            bufs, gs_in = self._buffers[part], grads[part]
-            gs = [
-                torch.zeros_like(y) if g is None else g if g.stride() == y.stride() else torch.empty_like(y).copy_(g)
-                for g, y in zip(gs_in, bufs)
-            ]
-            dxs = [torch.empty_like(y) for y in bufs]
-            kernel.backward_into(spec, kernel.pointers(gs), ys, kernel.pointers(dxs), r, k)
-            out += [None if g is None else dx for g, dx in zip(gs_in, dxs)]
+            out += self._kernel.weight_grads(spec, grads[part], self._buffers[part], r, k, ys)
         return out
 
 
@@ -87,17 +81,6 @@ class _GraphDeferred(DeferredWS):
         return list(self._graph.replay_backward(grads))
 
 
-def _dense_strides(w: Tensor) -> tuple[int, ...] | None:
-    """``w``'s strides if its rows are dense in memory (contiguous, channels_last), else None."""
-    if w.is_contiguous():
-        return w.stride()
-    if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last):
-        return w.stride()
-    if w.dim() == 5 and w.is_contiguous(memory_format=torch.channels_last_3d):
-        return w.stride()
-    return None
-
-
 class _TritonDeferred(DeferredWS):
     """GPUs: the Triton multi-tensor kernels over flat buffers allocated once. Forward: one multi-tensor copy of all
     weights into the flat input, one kernel launch per (preset, eps, dtype) writing the leaves' flat buffer.
@@ -116,7 +99,7 @@ class _TritonDeferred(DeferredWS):
         dtype, device = weights[0].dtype, weights[0].device
         total = sum(w.numel() for w in weights)
         self._x, self._y, self._g = (torch.empty(total, dtype=dtype, device=device) for _ in range(3))
-        starts = _starts([w.numel() for w in weights])
+        starts = [0, *itertools.accumulate(w.numel() for w in weights)][:-1]
         self._layout = [(w.shape, w.stride(), start) for w, start in zip(weights, starts)]
         self._likes = _contiguous_likes([(shape, stride) for shape, stride, _ in self._layout])
         self._x_views, y_views, self._g_views = (
@@ -138,13 +121,8 @@ class _TritonDeferred(DeferredWS):
             try:
                 self._capture()
             except Exception as e:  # (triton's own errors are not RuntimeErrors) the kernels still run, uncaptured
-                with contextlib.suppress(Exception):
-                    torch.cuda.synchronize()
                 self._graphs = None
-                self.capture_error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-                warnings.warn(f"torchws deferred WS: capturing the Triton kernels as CUDA graphs failed "
-                              f"({self.capture_error}); launching them from Python instead (slower)",
-                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                self.capture_error = _capture_failed(e, "the Triton kernels", "launching them from Python (slower)")
             self._captured_pointers = [t.data_ptr() for t in self.inputs]
 
     def _forward_work(self) -> None:
@@ -187,13 +165,7 @@ class _TritonDeferred(DeferredWS):
             self._forward_work()
 
     def _backward(self, grads: list[Tensor | None]) -> list[Tensor | None]:
-        if any(g is None for g in grads):
-            for view, grad in zip(self._g_views, grads):
-                if grad is None:
-                    view.zero_()
-            torch._foreach_copy_(*zip(*[(v, g) for v, g in zip(self._g_views, grads) if g is not None]))
-        else:
-            torch._foreach_copy_(self._g_views, grads)
+        copy_grads_into(self._g_views, grads)
         if self._graphs is not None:
             self._graphs[1].replay()
             dx = self._graphs[2].clone()  # fresh: its views become the parameters' .grad
@@ -206,12 +178,14 @@ class _TritonDeferred(DeferredWS):
         return [None if grad is None else dx.as_strided(*where) for grad, where in zip(grads, self._layout)]
 
 
-def _starts(numels: Sequence[int]) -> list[int]:
-    starts, total = [], 0
-    for n in numels:
-        starts.append(total)
-        total += n
-    return starts
+def _capture_failed(error: Exception, what: str, instead: str) -> str:
+    """After a failed CUDA-graph capture: let the device settle, warn once in a line, return the reason."""
+    with contextlib.suppress(Exception):
+        torch.cuda.synchronize()
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    warnings.warn(f"torchws deferred WS: capturing {what} as CUDA graphs failed ({reason}); {instead} instead",
+                  RuntimeWarning, stacklevel=3)  # fmt: skip
+    return reason
 
 
 def _triton_buckets(layers: Sequence[WSMixin]) -> tuple[dict[tuple, list[WSMixin]], list[WSMixin]]:
@@ -230,7 +204,7 @@ def _triton_buckets(layers: Sequence[WSMixin]) -> tuple[dict[tuple, list[WSMixin
             and w.requires_grad
             and w.dtype in (torch.float32, torch.bfloat16, torch.float16)
             and m.ws_fan_in >= 2
-            and _dense_strides(w) is not None
+            and _dense_rows(w)
         )
         if fits:
             dtype = w.dtype
@@ -294,10 +268,6 @@ def _build_cuda(layers: Sequence[WSMixin], groups: Sequence[_Group], engine: str
             try:
                 return _GraphDeferred(layers, groups, inputs)
             except Exception as e:  # (out of memory, a capture the driver refuses): the autograd pass still runs
-                with contextlib.suppress(Exception):
-                    torch.cuda.synchronize()
-                warnings.warn(f"torchws deferred WS: capturing the pass as CUDA graphs failed ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the autograd pass instead",
-                              RuntimeWarning, stacklevel=2)  # fmt: skip
+                _capture_failed(e, "the pass", "using the autograd pass")
                 return None
     return None

@@ -48,7 +48,7 @@ __all__ = [
     "make_spec",
     "apply_spec",
     "standardize_into",
-    "backward_into",
+    "weight_grads",
     "pointers",
     "MODES",
 ]
@@ -217,13 +217,7 @@ class _MultiWS(torch.autograd.Function):
             return _backward_with_graph(ctx, grads)
         # autograd hands each grad in the output's dtype, None for an unused output (the kernel reads zeros there)
         ys = ctx.saved_tensors  # not the forward's ys: saved-tensor hooks (checkpointing) may hand back others
-        gs = [
-            torch.zeros_like(y) if g is None else g if g.stride() == y.stride() else torch.empty_like(y).copy_(g)
-            for g, y in zip(grads, ys)
-        ]
-        dxs = [torch.empty_like(y) for y in ys]  # (the kernel walks g's rows in y's element order)
-        _launch(_kernels()[1], ctx.spec, (_pointers(gs), _pointers(ys), _pointers(dxs)), (ctx.r, ctx.k))
-        return (None, *(None if g is None else dx for g, dx in zip(grads, dxs)))
+        return (None, *weight_grads(ctx.spec, grads, ys, ctx.r, ctx.k))
 
 
 def _backward_with_graph(ctx, grads: Sequence[Tensor]) -> tuple:
@@ -264,19 +258,27 @@ def apply_spec(spec: Spec, weights: Sequence[Tensor]) -> tuple[Tensor, ...]:
 def standardize_into(spec: Spec, weights: np.ndarray, out: np.ndarray, r: np.ndarray, k: np.ndarray) -> None:
     """The forward kernel without autograd: standardize the tensors at ``weights`` (a :func:`pointers` table) into
     the tensors at ``out`` (same shapes and layouts), and fill the per-row ``r`` and ``k`` (float64,
-    ``spec.num_rows``) that :func:`backward_into` needs. The caller keeps every tensor alive and dense-rowed."""
+    ``spec.num_rows``) that :func:`weight_grads` needs. The caller keeps every tensor alive and dense-rowed."""
     _launch(_kernels()[0], spec, (weights, out), (r, k), spec.mode, spec.unbiased, spec.eps)
 
 
-def backward_into(spec: Spec, grads: np.ndarray, ys: np.ndarray, out: np.ndarray, r: np.ndarray, k: np.ndarray) -> None:
-    """The backward kernel without autograd: weight gradients into the tensors at ``out`` from the gradients at
-    ``grads`` w.r.t. the standardized tensors at ``ys`` (what :func:`standardize_into` wrote, with its ``r``, ``k``);
-    every gradient laid out like its ``y``."""
-    _launch(_kernels()[1], spec, (grads, ys, out), (r, k))
+def weight_grads(spec: Spec, grads: Sequence[Tensor | None], ys: Sequence[Tensor], r: np.ndarray, k: np.ndarray,
+                 y_pointers: np.ndarray | None = None) -> list[Tensor | None]:  # fmt: skip
+    """The backward kernel: weight gradients (fresh tensors; None where ``grads`` has None) from the gradients w.r.t.
+    the standardized tensors ``ys`` that the forward wrote with its ``r`` and ``k`` (``y_pointers``: their
+    :func:`pointers`, if the caller keeps them)."""
+    gs = [  # None: the kernel reads zeros; a gradient laid out unlike its y is copied (rows walked in y's order)
+        torch.zeros_like(y) if g is None else g if g.stride() == y.stride() else torch.empty_like(y).copy_(g)
+        for g, y in zip(grads, ys)
+    ]
+    dxs = [torch.empty_like(y) for y in ys]
+    _launch(_kernels()[1], spec, (_pointers(gs), _pointers(ys) if y_pointers is None else y_pointers,
+                                  _pointers(dxs)), (r, k))  # fmt: skip
+    return [None if g is None else dx for g, dx in zip(grads, dxs)]
 
 
 def pointers(tensors: Sequence[Tensor]) -> np.ndarray:
-    """The table of data pointers :func:`standardize_into` and :func:`backward_into` read."""
+    """The table of data pointers :func:`standardize_into` and :func:`weight_grads` read."""
     return _pointers(tensors)
 
 

@@ -41,6 +41,19 @@ def _dense_strides(t: Tensor) -> tuple[int, ...]:
     return torch.empty(t.shape, device="meta").stride()
 
 
+def copy_grads_into(buffers: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+    """``buffers[i] = grads[i]`` in one multi-tensor copy (zeros where a gradient is None)."""
+    if any(g is None for g in grads):
+        pairs = [(b, g) for b, g in zip(buffers, grads) if g is not None]
+        for b, g in zip(buffers, grads):
+            if g is None:
+                b.zero_()
+        if pairs:
+            torch._foreach_copy_([b for b, _ in pairs], [g for _, g in pairs])
+    else:
+        torch._foreach_copy_(list(buffers), list(grads))
+
+
 def _contiguous_likes(layout: Sequence[tuple[torch.Size, tuple[int, ...]]]) -> tuple[Tensor, ...] | None:
     """Storage-less tensors of the layout's shapes when every stride is the contiguous one (what torch's C++
     ``unflatten_dense_tensors`` cuts views by), else None."""
@@ -130,18 +143,7 @@ class GraphedPass:
     def replay_backward(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
         """Gradients w.r.t. the inputs for ``grads`` w.r.t. the outputs of the last forward replay (None: zeros),
         in one fresh buffer (views laid out like the inputs): nothing returned aliases graph memory."""
-        if any(g is None for g in grads):
-            dst, src = [], []
-            for static, g in zip(self.static_grad_outputs, grads):
-                if g is None:
-                    static.zero_()
-                else:
-                    dst.append(static)
-                    src.append(g)
-            if dst:
-                torch._foreach_copy_(dst, src)
-        else:
-            torch._foreach_copy_(self.static_grad_outputs, list(grads))  # one multi-tensor copy of the gradients
+        copy_grads_into(self.static_grad_outputs, grads)
         self.backward_graph.replay()
         return self.unflatten(self.static_flat_grad.clone())
 
