@@ -3,23 +3,14 @@ per-layer path (the independent reference every test there uses)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
+from test_train_engine import one_thread  # noqa: F401 (the autouse fixture: one intra-op thread, shared)
 from torch import nn
 
 from torchws._deferred import DeferredWS
 from torchws.batched import find_handle
 
 RTOL, ATOL = 1e-5, 1e-5  # ATOL relative to the reference's largest element (fp32 rounding of sums over layers)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on 2 shared cores, two spinning OpenMP threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def loss(y: torch.Tensor) -> torch.Tensor:
