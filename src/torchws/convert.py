@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
+from torchws.fast import auto_enable, disable_batched_ws, find_handle
 from torchws.functional import fan_in
 from torchws.layers.bcn import BatchChannelNorm2d
 from torchws.layers.ws import WS_LAYER_FOR, WSMixin
@@ -243,7 +244,7 @@ def convert(
         inplace: modify ``model`` itself.
         report: also return a :class:`ConversionReport`.
         batched_ws: standardize all WS weights in one model-level pass per forward of the returned model
-            (:mod:`torchws.batched`); None follows the environment variable TORCHWS_BATCHED (on unless "0").
+            (:mod:`torchws.fast`); None follows the environment variable TORCHWS_BATCHED (on unless "0").
 
     Returns:
         The converted model, or ``(model, report)`` with ``report=True``. Replacements keep the original's
@@ -278,15 +279,13 @@ def convert(
 
 
 def _refresh_batched(model: nn.Module, enabled: bool | None) -> None:
-    from torchws.batched import auto_enable, find_handle
-
     handle = find_handle(model)
     if handle is None:
         auto_enable(model, enabled=enabled)
     elif enabled is False:
         handle.remove()
     else:
-        handle.refresh()  # a deep-copied handle still lists the replaced layers; its backend/concat are kept
+        handle.refresh()  # a deep-copied handle still lists the replaced layers; its backend is kept
 
 
 @dataclass(frozen=True)
@@ -349,8 +348,6 @@ def fold(model: nn.Module, *, inplace: bool = False) -> nn.Module:
             model = done[id(m)]
         else:
             _set_module(model, path, done[id(m)])
-    from torchws.batched import disable_batched_ws
-
     disable_batched_ws(model)  # the copied pass would keep standardizing the replaced layers
     return model
 

@@ -29,7 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from torchws.functional import standardize_rows, weight_to_rows
-from torchws.layers.ws import WSMixin, _checkpoint_phase
+from torchws.layers import weight_cache
+from torchws.layers.ws import WSMixin
 
 __all__ = ["GradientNormIdentity", "gradient_norm_identity", "track_standardized_grads"]
 
@@ -65,23 +66,23 @@ def _check_ws_layer(layer: nn.Module, where: str) -> None:
 
 def _capture_hooks(layer: nn.Module) -> list:
     """Forward hooks that route the standardized weight through a tensor hook recording its gradient."""
-    previous: list[Tensor | None] = []
+    active: list[dict[nn.Module, Tensor]] = []
 
     def before(module: nn.Module, args: tuple) -> None:
-        # read the supplied weight (batched pass / accumulation), so tracking does not change what forward uses
-        supplied = module._valid_supply()  # type: ignore[attr-defined]
-        used = supplied if supplied is not None else module.compute_standardized_weight()  # type: ignore[attr-defined]
+        # the weight the forward would use anyway (a pass's cache, or computed), handed to it through a cache of
+        # our own so that the hooked tensor is the one the forward reads
+        used = module.standardized_weight()  # type: ignore[attr-defined]
         # not in a checkpointed region's recomputation: its weight is the forward's own (hook set then) or one that
         # the backward does not reach
-        if used.requires_grad and _checkpoint_phase() != "recompute":
+        if used.requires_grad and not weight_cache.checkpoint_recomputing():
             used.register_hook(lambda grad: _accumulate(module, grad))
-        previous.append(supplied)
-        module.set_standardized_weight(used)  # type: ignore[attr-defined]
+        active.append({module: used})
+        weight_cache.activate(active[-1])
 
     def after(module: nn.Module, args: tuple, output: object) -> None:
-        module.set_standardized_weight(previous.pop())  # type: ignore[attr-defined]
+        weight_cache.deactivate(active.pop())
 
-    return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after)]
+    return [layer.register_forward_pre_hook(before), layer.register_forward_hook(after, always_call=True)]
 
 
 def _accumulate(layer: nn.Module, grad: Tensor) -> None:

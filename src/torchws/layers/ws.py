@@ -5,9 +5,9 @@ Each layer subclasses the ``torch.nn`` layer it replaces, takes the same constru
 init loops written for plain layers keep working. A layer with ``gain`` enabled has one extra parameter ``gain``
 of shape ``(out_channels,)`` initialised to 1.
 
-The standardized weight is produced by one method, :meth:`WSMixin.standardized_weight`; a model-level pass
-(:mod:`torchws.batched`) or gradient accumulation can hand in a precomputed result with
-:meth:`WSMixin.set_standardized_weight`.
+The standardized weight is produced by one method, :meth:`WSMixin.standardized_weight`: computed by the layer, or
+looked up in a cache that a model-level pass (:mod:`torchws.fast`) fills for the length of one forward
+(:mod:`torchws.layers.weight_cache`).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchws.functional import rows_to_weight, weight_standardize, weight_standardize_transposed, weight_to_rows
+from torchws.layers import weight_cache
 from torchws.presets import DEFAULT_PRESET, Preset, get_preset
 
 __all__ = [
@@ -40,42 +41,11 @@ def _check_factory_dtype(cls_name: str, kwargs: dict) -> None:
         raise TypeError(f"{cls_name}: weight standardization needs a floating dtype, got dtype={dtype}")
 
 
-def _checkpoint_phase() -> str:
-    """Under non-reentrant activation checkpointing's saved-tensor hooks: outside a backward pass (a checkpointed
-    region's first forward) "forward"; inside one (its recomputation) "recompute"; else "". Other saved-tensor hooks
-    (save_on_cpu around a backward) do not count: reentrant checkpointing's recomputation under them backpropagates
-    through its own recomputed graph, and there a layer must compute its weight itself. Private torch hooks, looked
-    up defensively: without them this says "" and layers compute per layer."""
-    task = getattr(torch._C, "_current_graph_task_id", None)
-    top = getattr(getattr(torch._C, "_autograd", None), "_top_saved_tensors_default_hooks", None)
-    if task is None or top is None or torch.compiler.is_compiling():
-        return ""
-    hooks = top(False)  # (pack, unpack) of the innermost saved-tensor hooks, or None
-    if hooks is None or getattr(hooks[0], "__module__", None) != "torch.utils.checkpoint":
-        return ""
-    return "forward" if task() == -1 else "recompute"
-
-
-def _unpack_saved(t: Tensor) -> Tensor:
-    return t
-
-
 class WSMixin:
     """Shared machinery of all WS layers. ``isinstance(m, WSMixin)`` finds them."""
 
     ws_transposed: bool = False
     weight: Tensor
-    # the weight and its version counter when the batched pass supplied the standardized weight (None: supplied
-    # through set_standardized_weight, which the caller keeps right); see _valid_supply
-    _ws_supplied_version: tuple[Tensor, int] | None = None
-    # what the batched pass supplied in the last root forward, with its version: kept after the forward (replaced
-    # by the next one) for non-reentrant activation checkpointing, whose recomputation during backward must save
-    # tensors like the original forward's (else CheckpointError)
-    _ws_last: Tensor | None = None
-    _ws_last_version: tuple[Tensor, int] | None = None
-    # set by a batched pass for the layers it computes (BatchedWS.refresh): checkpointed regions outside the root's
-    # forward keep their weight from the first step on (_keep_computed)
-    _ws_in_pass: bool = False
 
     def _ws_setup(self, preset: str | Preset, eps: float | None, gain: bool | None, shift: bool = False) -> None:
         name = type(self).__name__
@@ -102,7 +72,6 @@ class WSMixin:
             self.shift = nn.Parameter(torch.zeros(self.ws_out_channels, device=w.device, dtype=w.dtype))
         else:
             self.register_parameter("shift", None)
-        self._ws_supplied: Tensor | None = None
 
     # --- geometry -------------------------------------------------------------------------------------------------
     @property
@@ -145,73 +114,10 @@ class WSMixin:
         return weight_standardize(self.weight, preset=self.ws_preset, eps=self.ws_eps, gain=self.gain, shift=self.shift)
 
     def standardized_weight(self) -> Tensor:
-        """The weight this layer's forward uses: a supplied one if set (and still valid), else computed now."""
-        supplied = self._valid_supply()
-        return supplied if supplied is not None else self.compute_standardized_weight()
-
-    def _valid_supply(self) -> Tensor | None:
-        """The supplied weight, unless the batched pass supplied it and it no longer fits: the weight was replaced or
-        changed in place since (an optimizer step after a forward interrupted by KeyboardInterrupt, which skips the
-        pass's clearing hook), or it carries no graph while this forward needs one."""
-        supplied, version = self._ws_supplied, self._ws_supplied_version
-        if supplied is not None and (version is None or self._fits(supplied, version)):
-            return supplied  # (no version: set by the user, or by the pass while torch.compile traces)
-        # no (valid) supply: the last forward's kept weight serves only its recomputation
-        if self._ws_last is None and not self._ws_in_pass:
-            return None
-        phase = _checkpoint_phase()
-        if phase == "forward" and torch.is_grad_enabled():
-            return self._keep_computed()
-        last, version = self._ws_last, self._ws_last_version
-        if phase != "recompute" or last is None or version is None or not self._fits(last, version):
-            return None
-        return last
-
-    def _ws_version(self) -> tuple[Tensor, int]:
-        """(weight, its version counter): what a supply records and :meth:`_fits` compares."""
-        w = self._parameters.get("weight")  # type: ignore[attr-defined]  # the dict: __getattr__ is slow per step
-        if w is None:
-            w = self.weight
-        return w, w._version
-
-    def _fits(self, supplied: Tensor, version: tuple[Tensor, int]) -> bool:
-        w, current = self._ws_version()
-        if w is not version[0] or current != version[1]:
-            return False
-        return not (w.requires_grad and not supplied.requires_grad and torch.is_grad_enabled())
-
-    def _keep_computed(self) -> Tensor:
-        """In a checkpointed region's first forward without a (valid) supply: the weight computed here, outside
-        checkpoint's saved-tensor hooks, and kept like a supply. Its recomputation then saves the same tensors (the
-        convolution's) whether it takes this weight or a later root forward's kept one (equal values): which forward
-        ran last no longer decides (CheckpointError)."""
-        with torch.autograd.graph.saved_tensors_hooks(Tensor.detach, _unpack_saved):  # (detach: no ref cycle)
-            w = self.compute_standardized_weight()
-        object.__setattr__(self, "_ws_last", w)
-        object.__setattr__(self, "_ws_last_version", self._ws_version())
-        return w
-
-    def set_standardized_weight(self, weight: Tensor | None) -> None:
-        """Supply the standardized weight for the next forwards (``None`` returns to computing it per call)."""
-        if weight is not None and weight.shape != self.weight.shape:
-            raise ValueError(
-                f"{type(self).__name__}.set_standardized_weight: shape {tuple(weight.shape)} does not match the "
-                f"weight's {tuple(self.weight.shape)}"
-            )
-        # plain object attribute: skips nn.Module.__setattr__'s checks, which run for every layer on every step
-        object.__setattr__(self, "_ws_supplied", weight)
-        object.__setattr__(self, "_ws_supplied_version", None)
-
-    def __getstate__(self) -> dict:
-        # deepcopy/pickle: a kept standardized weight is part of an autograd graph (deepcopy refuses non-leaf
-        # tensors) and means nothing to a copy
-        getstate = getattr(super(), "__getstate__", None)
-        state = dict(getstate() if getstate is not None else self.__dict__)
-        state.pop("_ws_last", None)
-        state.pop("_ws_last_version", None)
-        if state.get("_ws_supplied_version") is not None:  # the pass's supply, left by a forward cut short
-            state["_ws_supplied"], state["_ws_supplied_version"] = None, None
-        return state
+        """The weight this layer's forward uses: one an active cache holds for it (a model-level pass, gradient
+        accumulation; :mod:`torchws.layers.weight_cache`), else computed now."""
+        w = weight_cache.lookup(self)
+        return self.compute_standardized_weight() if w is None else w
 
     def reset_parameters(self) -> None:
         super().reset_parameters()  # type: ignore[misc]

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from torchws.fast import auto_enable
+
 __all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
 
 Builder = Callable[..., nn.Module]
@@ -83,7 +85,7 @@ def create_model(
     only, e.g. "official" to match the authors' checkpoints exactly), num_groups (GN/BCN), features_only,
     out_indices.
     batched_ws: WS models standardize all their weights in one model-level pass per forward
-    (:mod:`torchws.batched`); None follows the environment variable TORCHWS_BATCHED (on unless "0"), False keeps
+    (:mod:`torchws.fast`); None follows the environment variable TORCHWS_BATCHED (on unless "0"), False keeps
     the per-layer path.
     """
     info = get_model_info(name)
@@ -93,7 +95,5 @@ def create_model(
         raise TypeError(f"create_model({name!r}): unknown override {', '.join(unknown)}; valid: {', '.join(accepted)}")
     model = info.builder(num_classes=info.num_classes if num_classes is None else num_classes, **overrides)
     if info.ws:
-        from torchws.batched import auto_enable  # lazy: batched imports layers, which the builders import
-
         auto_enable(model, enabled=batched_ws)
     return model

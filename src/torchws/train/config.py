@@ -25,7 +25,7 @@ __all__ = ["TrainConfig", "add_config_flags", "config_from_args", "load_yaml", "
 SCHEDULES = ("step", "cosine", "constant")
 AUGMENTS = ("auto", "crop_flip", "none")
 DEVICES = ("auto", "cpu", "cuda")
-WS_BACKENDS = ("auto", "torch", "numba", "cuda_graph", "triton", "off")
+WS_BACKENDS = ("auto", "torch", "numba", "cuda_graph", "off")
 
 
 def _f(default: Any, help: str, **extra: Any) -> Any:
@@ -68,12 +68,10 @@ class TrainConfig:
     bf16: bool = _f(False, "bfloat16 autocast for forward and loss")
     channels_last: bool = _f(False, "channels_last memory format for model and inputs")
     ws_accumulate_once: bool = _f(True, "with --accum-steps > 1, standardize the weights once per optimizer step")
-    ws_backend: str = _f("auto", "model-level WS pass: auto (numba for small CPU models when installed, else "
-                         "torch), torch (grouped torch ops), numba (CPU multi-tensor kernels), cuda_graph (replayed "
-                         "CUDA graphs: fastest at batch 1-2 on a GPU), triton (multi-tensor kernel), off (per layer)",
+    ws_backend: str = _f("auto", "engine of the model-level WS pass: auto (numba for CPU models up to 2M WS weights "
+                         "when installed, cuda_graph on CUDA, else torch), torch (grouped torch ops), numba (CPU "
+                         "multi-tensor kernels), cuda_graph (replayed CUDA graphs), off (each layer on its own)",
                          choices=WS_BACKENDS)
-    ws_deferred: bool = _f(True, "single-process runs: the WS weights' gradients computed in one call when each "
-                           "backward ends (persistent standardized weights, torchws._deferred); not under DDP")
     device: str = _f("auto", "auto: cuda when available (the local rank's GPU), else cpu", choices=DEVICES)
     seed: int = _f(0, "seed for model init, data order and augmentation")
     deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume; slower on GPU)")

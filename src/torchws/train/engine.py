@@ -31,9 +31,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from torchws.batched import enable_batched_ws, find_handle
 from torchws.data import TensorSplits
-from torchws.layers import WSMixin
+from torchws.fast import auto_enable
 
 from . import checkpoint as ckpt
 from .atomic import atomic_write_text, remove_stale_temp_files
@@ -143,25 +142,15 @@ def _continues_run(cfg: TrainConfig, run_dir: Path, source: Path | None) -> bool
     raise RunDirError(f"{held}; {resume}pass --overwrite to replace it, or choose another --out-dir")
 
 
-def _check_ws_backend(backend: str, model: nn.Module, device: torch.device) -> None:
-    """The Triton and numba passes fail only at the first forward, mid-run; refuse them up front where their kernels
-    cannot run."""
-    if backend not in ("triton", "numba") or not any(isinstance(m, WSMixin) for m in model.modules()):
+def _enable_ws_pass(model: nn.Module, backend: str) -> None:
+    """The model-level WS pass with the engine ``--ws-backend`` names, on the model's final device and layout: an
+    engine that cannot run there is refused now, not at the first forward."""
+    if backend == "off":
         return
-    if backend == "numba":
-        from torchws.kernels import cpu_ws
-
-        if device.type != "cpu" or not cpu_ws.is_available():
-            raise ConfigError(
-                f"--ws-backend numba: the numba kernels run on the CPU with numba installed "
-                f"(pip install 'torchws[cpu]'), not on {device}; use --ws-backend auto or torch"
-            )
-        return
-    from torchws.kernels import is_available
-
-    if not is_available(device):
-        raise ConfigError(f"--ws-backend triton: no Triton kernel for device {device} (needs CUDA and triton "
-                          "installed); use --ws-backend auto or torch")  # fmt: skip
+    try:
+        auto_enable(model, backend=backend)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"--ws-backend {backend}: {e}") from None
 
 
 class Trainer:
@@ -179,12 +168,9 @@ class Trainer:
         _seed_everything(cfg.seed, cfg.deterministic)
         self.inputs: Inputs = build_inputs(cfg, info, device, splits)
         self.model = build_model(cfg, self.inputs.num_classes, self.inputs.channels).to(device)
-        _check_ws_backend(cfg.ws_backend, self.model, device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        handle = find_handle(self.model)
-        if cfg.ws_deferred and not info.enabled and handle is not None:  # (DDP's reducer needs the autograd pass)
-            enable_batched_ws(self.model, backend=handle.backend, concat=handle.concat, deferred=True)
+        _enable_ws_pass(self.model, cfg.ws_backend)
         self.steps_per_epoch = len(self.inputs.train) // cfg.accum_steps  # type: ignore[arg-type]
         if self.steps_per_epoch < 1:
             raise ConfigError(f"--batch-size {cfg.batch_size} x --accum-steps {cfg.accum_steps} leaves no full step "

@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 
 from torchws import data as tdata
 from torchws import models as tmodels
-from torchws.layers.ws import WSMixin
 
 from .config import TrainConfig
 from .distributed import DistInfo
@@ -128,14 +127,8 @@ def check_model_name(name: str) -> None:
 def build_model(cfg: TrainConfig, num_classes: int, channels: int) -> nn.Module:
     """``create_model`` with the dataset's classes and channels; unknown names become ConfigError."""
     check_model_name(cfg.model)
-    model = tmodels.create_model(cfg.model, num_classes=num_classes, in_chans=channels,
-                                 batched_ws=False if cfg.ws_backend == "off" else None)  # fmt: skip
-    if cfg.ws_backend not in ("auto", "off"):
-        from torchws.batched import enable_batched_ws
-
-        if any(isinstance(m, WSMixin) for m in model.modules()):
-            enable_batched_ws(model, backend=cfg.ws_backend)
-    return model
+    # the WS pass is enabled by the trainer once the model sits on its device (engines are chosen per device)
+    return tmodels.create_model(cfg.model, num_classes=num_classes, in_chans=channels, batched_ws=False)
 
 
 def _subset_train(splits: tdata.TensorSplits, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 with DDP's gradient all-reduce only on the last micro-batch (``no_sync`` on the others).
 
 With ``ws_accumulate_once`` and a model that has WS layers, the micro-batches run inside
-:func:`torchws.accumulate.ws_accumulation` (``steps=accum_steps``): every WS weight is standardized once for the
+:func:`torchws.fast.ws_accumulation` (``steps=accum_steps``): every WS weight is standardized once for the
 whole step, and the gradient accumulated w.r.t. the standardized weights rides on the last micro-batch's backward,
 so DDP all-reduces it as usual.
 """
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from torchws.accumulate import ws_accumulation
+from torchws.fast import ws_accumulation
 from torchws.layers import WSMixin
 
 from .distributed import DistInfo
@@ -67,8 +67,7 @@ def train_step(
     """
     n = len(micro_batches)
     once = ws_accumulate_once and n > 1 and any(isinstance(m, WSMixin) for m in model.modules())
-    backend = "auto" if device.type == "cuda" else "torch"  # the triton kernel is for GPUs only
-    with ws_accumulation(wrapped, steps=n, backend=backend) if once else contextlib.nullcontext():
+    with ws_accumulation(wrapped, steps=n) if once else contextlib.nullcontext():
         for i, batch in enumerate(micro_batches):
             images, labels = _prepare(batch, device, channels_last)
             with wrapped.no_sync() if info.enabled and i < n - 1 else contextlib.nullcontext():  # type: ignore[operator]

@@ -24,19 +24,30 @@ gradients, so that last backward carries every WS parameter's gradient and DDP a
 
 Without ``steps`` the accumulated gradients go through WS on exit (or at :meth:`WSAccumulation.backward_weights`),
 outside any DDP-synchronised backward: fine in one process, wrong under DDP (the WS parameters would miss the
-all-reduce), so a DDP-wrapped model without ``steps`` raises. Layers the batched pass cannot handle
-(:func:`torchws.batched.batchable`) keep standardizing per micro-batch; their gradients are exact too, just not
+all-reduce), so a DDP-wrapped model without ``steps`` raises. Layers a pass cannot take
+(:func:`torchws.fast.plan.batchable`) keep standardizing per micro-batch; their gradients are exact too, just not
 cheaper. Run each micro-batch's backward inside the block.
+
+Each layer's ``W_hat`` is computed on its own (one autograd node per layer, the torch engine without
+concatenation): once per optimizer step the speed of a shared kernel hardly matters, and a nested backward through
+some of them (reentrant activation checkpointing in the last micro-batch) must not consume a node that the other
+layers still need. The layers read the leaves (and, in the last micro-batch with ``steps``, ``W_hat``) from a weight
+cache active for the whole block (:mod:`torchws.layers.weight_cache`), so checkpoint recomputations inside the
+block find them too; a model-level pass on the model is paused meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 from types import TracebackType
 
 import torch
 from torch import Tensor, nn
 
-from torchws.batched import BACKENDS, BatchedWS, _make_groups, batchable, batched_standardize, find_handle
+from torchws.fast.batched import find_handle
+from torchws.fast.engines.torch import TorchEngine
+from torchws.fast.plan import Plan
+from torchws.layers import weight_cache
 from torchws.layers.ws import WSMixin
 
 __all__ = ["WSAccumulation", "ws_accumulation"]
@@ -62,14 +73,11 @@ class WSAccumulation:
         model: the model (a DDP / DataParallel / torch.compile wrapper is unwrapped).
         steps: number of grad-enabled forwards (micro-batches) in the block; required under DDP (ValueError
             without it). None: the accumulated gradients are pushed through WS on exit.
-        backend: as in :func:`torchws.batched.enable_batched_ws`.
     """
 
-    def __init__(self, model: nn.Module, *, steps: int | None = None, backend: str = "auto") -> None:
+    def __init__(self, model: nn.Module, *, steps: int | None = None) -> None:
         if steps is not None and steps < 1:
             raise ValueError(f"ws_accumulation: steps must be a positive number of micro-batches, got {steps}")
-        if backend not in BACKENDS:
-            raise ValueError(f"ws_accumulation: backend must be one of {BACKENDS}, got {backend!r}")
         self._chain = _unwrap_chain(model)
         if steps is None and any(isinstance(m, nn.parallel.DistributedDataParallel) for m in self._chain):
             raise ValueError(
@@ -78,48 +86,34 @@ class WSAccumulation:
             )
         self.root = self._chain[-1]
         self.steps = steps
-        self.backend = backend
         self.forwards = 0
-        self._handles: list[BatchedWS] = []
         self._real: dict[WSMixin, Tensor] = {}
         self._leaves: dict[WSMixin, Tensor] = {}
+        self._cache: dict[WSMixin, Tensor] = {}  # what the layers read: the leaves, then (last micro-batch) W_hat
+        self._stack = contextlib.ExitStack()
         self._fired: set[int] = set()
         self._final_in_graph = False
         self._done = False
-        self._counter = None
 
     def __enter__(self) -> WSAccumulation:
         # per-block state: the same object may be entered once per optimizer step
-        self.forwards, self._fired, self._final_in_graph, self._done, self._counter = 0, set(), False, False, None
-        for m in self._chain:
-            handle = find_handle(m)
-            if handle is not None and not handle.paused:
-                handle.paused = True  # the layers get leaves from us, not a fresh pass per forward
-                self._handles.append(handle)
+        self.forwards, self._fired, self._final_in_graph, self._done = 0, set(), False, False
         try:
-            layers = tuple(m for m in self.root.modules() if batchable(m))
+            for m in self._chain:
+                handle = find_handle(m)
+                if handle is not None:
+                    self._stack.enter_context(handle.paused())
             with torch.enable_grad():
-                self._real = self._standardize(layers)
-            for layer, w in self._real.items():
-                leaf = w.detach().requires_grad_(w.requires_grad)
-                self._leaves[layer] = leaf
-                layer.set_standardized_weight(leaf)
+                self._real = TorchEngine(Plan(self.root), concat=False)()
+            self._leaves = {m: w.detach().requires_grad_(w.requires_grad) for m, w in self._real.items()}
+            self._cache = dict(self._leaves)
+            self._stack.enter_context(weight_cache.cached(self._cache))
             if self.steps is not None:
-                self._counter = self.root.register_forward_pre_hook(self._count_forward)
-        except BaseException as e:  # __exit__ does not run when __enter__ raises: unpause the pass here
-            self.__exit__(type(e), e, e.__traceback__)
+                self._stack.callback(self.root.register_forward_pre_hook(self._count_forward).remove)
+        except BaseException:  # __exit__ does not run when __enter__ raises
+            self._stack.close()
             raise
         return self
-
-    def _standardize(self, layers: tuple[WSMixin, ...]) -> dict[WSMixin, Tensor]:
-        """The real standardized weights, once per block. ``"auto"`` computes each layer's on its own (one autograd
-        node per layer): once per optimizer step the speed of a shared kernel hardly matters, and a nested backward
-        through some of them (reentrant activation checkpointing in the last micro-batch) must not consume a node
-        the other layers still need ("backward through the graph a second time")."""
-        groups = _make_groups(layers)
-        if self.backend == "auto":
-            return batched_standardize(groups, "torch", concat=False)
-        return batched_standardize(groups, self.backend)  # type: ignore[arg-type]
 
     def _count_forward(self, module: nn.Module, args: tuple) -> None:
         if not torch.is_grad_enabled():
@@ -132,19 +126,17 @@ class WSAccumulation:
                 f"ws_accumulation(steps={self.steps}): forward number {self.forwards} with grad enabled; "
                 "the standardized weights' graph was handed to the last micro-batch already; raise steps"
             )
-        # last micro-batch: use the real W_hat; its gradient hook adds what the leaves accumulated
+        # last micro-batch: the layers read the real W_hat; its gradient hook adds what the leaves accumulated
         for layer, w in self._real.items():
             if w.requires_grad:
                 w.register_hook(self._make_hook(layer))
-            layer.set_standardized_weight(w)
+        self._cache.update(self._real)
         self._final_in_graph = True
 
     def _make_hook(self, layer: WSMixin):
         leaf = self._leaves[layer]
 
-        def add_accumulated(grad: Tensor | None) -> Tensor | None:
-            if grad is None:  # unused output of a multi-output node (the numba pass) that ran for other layers
-                return None
+        def add_accumulated(grad: Tensor) -> Tensor:
             self._fired.add(id(layer))
             return grad if leaf.grad is None else grad + leaf.grad
 
@@ -157,7 +149,7 @@ class WSAccumulation:
         self._done = True
         if self._final_in_graph:
             missed = [layer for layer, leaf in self._leaves.items() if leaf.grad is not None
-                      and id(layer) not in self._fired]
+                      and id(layer) not in self._fired]  # fmt: skip
             if missed:
                 raise RuntimeError(
                     f"ws_accumulation: {len(missed)} WS layer(s) (first: {type(missed[0]).__name__}) were not used "
@@ -166,7 +158,7 @@ class WSAccumulation:
                 )
             return
         pairs = [(self._real[layer], leaf.grad) for layer, leaf in self._leaves.items()
-                 if leaf.grad is not None and self._real[layer].requires_grad]
+                 if leaf.grad is not None and self._real[layer].requires_grad]  # fmt: skip
         if pairs:
             torch.autograd.backward([p[0] for p in pairs], [p[1] for p in pairs])
 
@@ -177,19 +169,14 @@ class WSAccumulation:
             if exc_type is None:
                 self.backward_weights()
         finally:
-            for layer in self._leaves:
-                layer.set_standardized_weight(None)
-            if self._counter is not None:
-                self._counter.remove()
-            for handle in self._handles:
-                handle.paused = False
-            self._real, self._leaves, self._handles = {}, {}, []
+            self._stack.close()
+            self._real, self._leaves, self._cache = {}, {}, {}
 
 
-def ws_accumulation(model: nn.Module, *, steps: int | None = None, backend: str = "auto") -> WSAccumulation:
+def ws_accumulation(model: nn.Module, *, steps: int | None = None) -> WSAccumulation:
     """``with ws_accumulation(model): ...``: one WS forward and one WS backward for all micro-batches inside.
 
     See :class:`WSAccumulation` and the module docstring (DDP: pass ``steps`` and use ``no_sync`` for all but the
     last micro-batch).
     """
-    return WSAccumulation(model, steps=steps, backend=backend)
+    return WSAccumulation(model, steps=steps)

@@ -1,4 +1,4 @@
-"""Replay a model-level WS pass as two CUDA graphs: one for the forward, one for the backward.
+"""The cuda_graph engine: the torch engine's pass captured as two CUDA graphs, one forward and one backward.
 
 At batch 1-2 a ResNet-50 step on a modern GPU is bound by the host: each kernel launch and each autograd node
 costs microseconds of Python and C++ while the GPU idles. Standardizing 53 weights is ~10 tiny kernels forward
@@ -21,7 +21,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["GraphedPass", "graph_signature"]
+from torchws.fast.engines.torch import TorchEngine, standardize_group
+from torchws.fast.plan import Plan
+
+__all__ = ["CudaGraphEngine", "GraphedPass"]
 
 
 def graph_signature(inputs: Sequence[Tensor]) -> tuple:
@@ -41,7 +44,7 @@ def _dense_strides(t: Tensor) -> tuple[int, ...]:
     return torch.empty(t.shape, device="meta").stride()
 
 
-def copy_grads_into(buffers: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
+def _copy_grads_into(buffers: Sequence[Tensor], grads: Sequence[Tensor | None]) -> None:
     """``buffers[i] = grads[i]`` in one multi-tensor copy (zeros where a gradient is None)."""
     if any(g is None for g in grads):
         pairs = [(b, g) for b, g in zip(buffers, grads) if g is not None]
@@ -143,7 +146,7 @@ class GraphedPass:
     def replay_backward(self, grads: Sequence[Tensor | None]) -> list[Tensor]:
         """Gradients w.r.t. the inputs for ``grads`` w.r.t. the outputs of the last forward replay (None: zeros),
         in one fresh buffer (views laid out like the inputs): nothing returned aliases graph memory."""
-        copy_grads_into(self.static_grad_outputs, grads)
+        _copy_grads_into(self.static_grad_outputs, grads)
         self.backward_graph.replay()
         return self.unflatten(self.static_flat_grad.clone())
 
@@ -158,10 +161,54 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, runner: GraphedPass, *inputs: Tensor) -> tuple[Tensor, ...]:
         runner.forward_graph.replay()
-        ctx.runner = runner
+        ctx.runner, ctx.versions = runner, [t._version for t in inputs]
         return tuple(o.detach() for o in runner.static_outputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grads: Tensor | None) -> tuple:
+        # the graphs hold the statistics of the last replay: valid for this forward while no input changed since,
+        # which is also what autograd demands of the per-layer path's saved weights
+        for i, (t, v) in enumerate(zip(ctx.runner.inputs, ctx.versions)):
+            if t._version != v:
+                raise RuntimeError(
+                    f"cuda_graph WS engine: input {i} (shape {tuple(t.shape)}) was modified in place after the "
+                    f"forward (version {v} -> {t._version}); run the backward before the optimizer step"
+                )
         return (None, *ctx.runner.replay_backward(grads))
+
+
+class CudaGraphEngine:
+    """The torch engine (concatenated groups) replayed from CUDA graphs for grad-enabled forwards; forwards
+    without grad, or inside a user's own graph capture, run the torch engine itself (the same kernels, so the same
+    numbers). Captured on first use and again whenever :meth:`GraphedPass.matches` fails."""
+
+    name = "cuda_graph"
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.torch = TorchEngine(plan, concat=True)
+        self.graphed: GraphedPass | None = None
+
+    def _run_on(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The torch engine on ``tensors`` (:meth:`Plan.tensors` order) instead of the layers' own parameters."""
+        layers = self.plan.layers
+        by_layer = dict(zip(layers, tensors))
+        extra = iter(tensors[len(layers):])
+        gains = {m: next(extra) for m in layers if m.gain is not None}
+        shifts = {m: next(extra) for m in layers if m.shift is not None}
+        out = {}
+        for g in self.plan.groups:
+            ls = g.layers
+            out.update(zip(ls, standardize_group(g, [by_layer[m] for m in ls], [gains.get(m) for m in ls],
+                                                 [shifts.get(m) for m in ls], concat=True)))  # fmt: skip
+        return [out[m] for m in layers]
+
+    def __call__(self) -> dict:
+        if not torch.is_grad_enabled() or torch.cuda.is_current_stream_capturing():
+            return self.torch()
+        inputs = self.plan.tensors()
+        if self.graphed is None or not self.graphed.matches(inputs):
+            self.graphed = None  # free the old capture's memory before taking the new one
+            self.graphed = GraphedPass(self._run_on, inputs)
+        return dict(zip(self.plan.layers, self.graphed()))

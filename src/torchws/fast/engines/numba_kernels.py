@@ -1,8 +1,8 @@
-"""The numba kernels behind :mod:`torchws.kernels.cpu_ws` (imported only when they run: importing numba costs).
+"""The compiled kernels of :mod:`torchws.fast.engines.numba` (imported only when they run: importing numba costs).
 
 Both walk a table of tensors given as data pointers (``int64`` arrays of ``Tensor.data_ptr()``), each viewed as
 ``rows[t] x fan_in[t]`` dense rows. ``proto`` is an empty array of the weights' dtype: it selects the float32 or
-float64 specialisation and types the pointers. See :mod:`torchws.kernels.cpu_ws` for the math.
+float64 specialisation and types the pointers. See :mod:`torchws.fast.engines.numba` for the math.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def forward(xs, ys, rows, fan_in, mode, unbiased, eps, r_out, k_out, proto):  # 
             if mode == 0:  # inside_sqrt: 1 / sqrt(v + eps); dr/dv = -r^3 / 2
                 r = 1.0 / np.sqrt(v + eps)
                 drdv = -0.5 * r * r * r
-            elif mode == 1:  # added_to_std: 1 / (sqrt(v) + eps); dr/dv = -r^2 / (2 sqrt(v)), infinite at v = 0
-                sd = np.sqrt(v)
+            elif mode == 1:  # added_to_std: 1 / (sqrt(v) + eps); dr/dv = -r^2 / (2 sqrt(v)), taken as 0 at v = 0
+                sd = np.sqrt(v)  # (torch's std backward is 0 where std is 0: the authors' layer is finite there)
                 r = 1.0 / (sd + eps)
-                drdv = -0.5 * r * r / sd if sd > 0.0 else -np.inf
+                drdv = -0.5 * r * r / sd if sd > 0.0 else 0.0
             else:  # clamp_fan_in_var: 1 / sqrt(max(n v, eps)); dr/dv = -n r^3 / 2 where n v >= eps, else 0
                 nv = n * v
                 r = 1.0 / np.sqrt(max(nv, eps))

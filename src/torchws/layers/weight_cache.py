@@ -1,0 +1,97 @@
+"""Standardized weights computed ahead of a forward, read by the WS layers.
+
+A WS layer computes its own weight (:meth:`~torchws.layers.ws.WSMixin.compute_standardized_weight`) unless an
+active cache holds one for it: :func:`lookup` is a layer's only contact with whatever filled the cache. A model-level
+pass (:mod:`torchws.fast`) computes every layer's weight at once before the model's forward, activates the mapping
+for that forward and deactivates it after, the pattern of ``torch.nn.utils.parametrize.cached()``::
+
+    with weight_cache.cached({conv: w_hat}):
+        y = model(x)            # conv convolves with w_hat; every other WS layer computes its own
+
+Caches nest; the innermost holding a layer wins.
+
+Activation checkpointing. Non-reentrant ``torch.utils.checkpoint`` recomputes a region during backward, after the
+forward's cache was deactivated, and requires the recomputation to save the same tensors as the forward. So the
+owner of a cache may :func:`keep` it after a grad-enabled forward; during a recomputation
+(:func:`checkpoint_recomputing`) :func:`lookup` serves the kept weight, provided the layer still holds the weight
+tensor it was computed from (a replaced weight is not served: the recomputation then computes its own and
+checkpoint raises its CheckpointError). Reentrant checkpointing builds a new graph during backward and the layers
+compute their weights themselves there. Recognising a recomputation reads two private torch functions, here only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["activate", "deactivate", "cached", "keep", "forget", "lookup", "checkpoint_recomputing"]
+
+_active: list[Mapping[nn.Module, Tensor]] = []  # innermost last
+# owner -> (its last grad-enabled forward's weights, the weight tensor each was computed from)
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def activate(weights: Mapping[nn.Module, Tensor]) -> None:
+    """Make ``weights`` (layer -> standardized weight) what those layers use until :func:`deactivate`."""
+    _active.append(weights)
+
+
+def deactivate(weights: Mapping[nn.Module, Tensor]) -> None:
+    """End :func:`activate` of this very mapping (wherever it sits in the stack; no-op if not active)."""
+    for i in range(len(_active) - 1, -1, -1):
+        if _active[i] is weights:
+            del _active[i]
+            return
+
+
+@contextlib.contextmanager
+def cached(weights: Mapping[nn.Module, Tensor]) -> Iterator[None]:
+    """``with cached({layer: w}): ...``: the layers use ``w`` inside the block."""
+    activate(weights)
+    try:
+        yield
+    finally:
+        deactivate(weights)
+
+
+def keep(owner: object, weights: Mapping[nn.Module, Tensor], sources: Mapping[nn.Module, Tensor]) -> None:
+    """Keep ``weights`` for checkpoint recomputations until ``owner`` keeps others or is forgotten/collected.
+
+    ``sources`` maps each layer to the weight tensor its entry was computed from (served only while the layer
+    still holds that tensor)."""
+    _kept[owner] = (weights, sources)
+
+
+def forget(owner: object) -> None:
+    """Drop what ``owner`` kept."""
+    _kept.pop(owner, None)
+
+
+def lookup(layer: nn.Module) -> Tensor | None:
+    """The cached standardized weight of ``layer``, or None (then the layer computes its own)."""
+    for weights in reversed(_active):
+        w = weights.get(layer)
+        if w is not None:
+            return w
+    if not _kept or not checkpoint_recomputing():
+        return None
+    for weights, sources in list(_kept.values()):
+        w = weights.get(layer)
+        if w is not None and sources.get(layer) is layer._parameters.get("weight"):
+            return w
+    return None
+
+
+def checkpoint_recomputing() -> bool:
+    """Whether non-reentrant activation checkpointing is recomputing a region now (inside a backward pass, under
+    the saved-tensor hooks of ``torch.utils.checkpoint``). Private torch functions: a test pins them."""
+    if torch.compiler.is_compiling():
+        return False
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) innermost, or None
+    if hooks is None or getattr(hooks[0], "__module__", None) != "torch.utils.checkpoint":
+        return False
+    return torch._C._current_graph_task_id() != -1  # -1: not inside a backward pass
