@@ -23,7 +23,9 @@ from torchws.functional import (
     weight_to_rows,
 )
 
-__all__ = ["TorchEngine", "standardize_group"]
+__all__ = ["CONCAT_ON_CPU", "TorchEngine", "standardize_group"]
+
+CONCAT_ON_CPU = False  # the default of ``concat`` for CPU weights (GPU weights: True)
 
 
 def _one(m, w: Tensor, gain: Tensor | None, shift: Tensor | None) -> Tensor:
@@ -67,7 +69,7 @@ class TorchEngine:
     def __init__(self, plan: Plan, concat: bool | None = None) -> None:
         self.plan = plan
         on_cpu = bool(plan.layers) and plan.layers[0].weight.device.type == "cpu"
-        self.concat = (not on_cpu) if concat is None else concat
+        self.concat = (CONCAT_ON_CPU if on_cpu else True) if concat is None else concat
 
     def __call__(self) -> dict:
         out = {}
