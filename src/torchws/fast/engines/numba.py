@@ -71,7 +71,7 @@ class _Launch:
     """One kernel call's constants: the preset, and rows and fan-in per weight (built once per plan)."""
 
     def __init__(self, weights, preset, eps: float, layers=()) -> None:
-        self.layers = tuple(layers)
+        self.layers, self.weights = tuple(layers), tuple(weights)  # (the plan re-plans when a weight is replaced)
         self.mode, self.unbiased, self.eps = MODES[preset.eps_placement], preset.unbiased, float(eps)
         self.variance, self.placement = preset.variance, preset.eps_placement
         self.rows = np.array([w.shape[0] for w in weights], dtype=np.int64)
@@ -150,7 +150,7 @@ class NumbaEngine:
     def __call__(self) -> dict:
         out = {}
         for launch in self.launches:
-            out.update(zip(launch.layers, _MultiWS.apply(launch, *(m.weight for m in launch.layers))))
+            out.update(zip(launch.layers, _MultiWS.apply(launch, *launch.weights)))
         for g, m in self.rest:
             (w,) = standardize_group(g, [m.weight], [m.gain], [m.shift], concat=False)
             out[m] = w
