@@ -22,7 +22,7 @@ from torchws.presets import PRESETS
 
 
 def reference_rows(w: np.ndarray, preset: str) -> np.ndarray:
-    """Each peer's formula, written out in float64 numpy from ANCHORS.md (independent of torchws)."""
+    """Each peer's formula, written out in float64 numpy from the peers' code (independent of torchws)."""
     rows = w.reshape(w.shape[0], -1).astype(np.float64)
     n = rows.shape[1]
     mean = rows.mean(axis=1, keepdims=True)

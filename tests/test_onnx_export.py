@@ -4,7 +4,7 @@ outputs as in torch."""
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime
+import onnxruntime.backend
 import pytest
 import torch
 from torch import nn
@@ -15,8 +15,7 @@ from torchws.models import create_model
 
 def _onnxruntime_outputs(model: nn.Module, x: torch.Tensor, path) -> np.ndarray:
     torch.onnx.export(model, (x,), dynamo=True).save(str(path))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    (out,) = onnxruntime.backend.prepare(str(path), device="CPU").run(x.numpy())  # the ONNX backend API
     return out
 
 
