@@ -49,6 +49,13 @@ def test_presets_match_peer_formula(preset: str, shape: tuple[int, ...]) -> None
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_match_peer_formula_in_float64(preset: str) -> None:
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.05 + 0.01
+    want = reference_rows(w.numpy(), preset).reshape(w.shape)
+    np.testing.assert_allclose(weight_standardize(w, preset=preset).numpy(), want, atol=1e-14, rtol=0)
+
+
 def test_unknown_preset_lists_valid_ones() -> None:
     with pytest.raises(ValueError, match="unknown WS preset 'papre'.*paper, official, bcn, timm, bit, nf"):
         weight_standardize(torch.randn(4, 4), preset="papre")
@@ -180,6 +187,18 @@ def test_timm_eps_override_matches_timm_batch_norm_form() -> None:
     torch.testing.assert_close(weight_standardize(w, preset="timm", eps=1e-8), timm_form.reshape_as(w), rtol=0,
                                atol=1e-13)
     assert (weight_standardize(w, preset="timm") - timm_form.reshape_as(w)).abs().max() > 1e-4
+
+
+def test_timm_scaled_std_conv_is_the_timm_preset_with_a_gain() -> None:
+    """timm ``ScaledStdConv2d``: batch_norm form with ``weight = gain * gamma * fan_in ** -0.5`` and its eps."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) * 0.05
+    timm_gain, gamma, eps = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, 1.7015043497085571, 1e-5
+    scale = timm_gain * gamma * w[0].numel() ** -0.5
+    timm_form = torch.nn.functional.batch_norm(w.reshape(1, 6, -1), None, None, weight=scale, training=True,
+                                               momentum=0.0, eps=eps).reshape_as(w)
+    torch.testing.assert_close(weight_standardize(w, preset="timm", eps=eps, gain=scale), timm_form, rtol=0,
+                               atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
