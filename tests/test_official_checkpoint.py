@@ -77,9 +77,56 @@ class BCNRepoGN(nn.Module):
         return out.view_as(inp)
 
 
+class EstBN(nn.Module):
+    """The BCN repo README's estimated BatchNorm: always normalizes with running estimates, moved at rate ms."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("estbn_moving_speed", torch.zeros(1))
+
+    def forward(self, inp):
+        ms = self.estbn_moving_speed.item()
+        if self.training:
+            with torch.no_grad():
+                inp_t = inp.transpose(0, 1).contiguous().view(self.num_features, -1)
+                running_mean = inp_t.mean(dim=1)
+                inp_t = inp_t - self.running_mean.view(-1, 1)
+                running_var = torch.mean(inp_t * inp_t, dim=1)
+                self.running_mean.data.mul_(1 - ms).add_(ms * running_mean.data)
+                self.running_var.data.mul_(1 - ms).add_(ms * running_var.data)
+        out = inp - self.running_mean.view(1, -1, 1, 1)
+        out = out / torch.sqrt(self.running_var + 1e-5).view(1, -1, 1, 1)
+        return self.weight.view(1, -1, 1, 1) * out + self.bias.view(1, -1, 1, 1)
+
+
+class BCNorm(nn.Module):
+    """The BCN repo README's BCNorm (estimated mode): the batch part is `bn`, here an EstBN."""
+
+    def __init__(self, num_channels, num_groups, eps):
+        super().__init__()
+        self.num_channels, self.num_groups, self.eps = num_channels, num_groups, eps
+        self.weight = nn.Parameter(torch.ones(1, num_groups, 1))
+        self.bias = nn.Parameter(torch.zeros(1, num_groups, 1))
+        self.bn = EstBN(num_channels)
+
+    def forward(self, inp):
+        out = self.bn(inp)
+        out = out.view(1, inp.size(0) * self.num_groups, -1)
+        out = torch.batch_norm(out, None, None, None, None, True, 0, self.eps, True)
+        out = out.view(inp.size(0), self.num_groups, -1)
+        return (self.weight * out + self.bias).view_as(inp)
+
+
 REPOS = {  # repo -> (conv, their `L.BatchNorm2d(num_features)`)
     "ws": (WSRepoConv2d, lambda c: nn.GroupNorm(num_channels=c, num_groups=32)),
     "bcn": (BCNRepoConv2d, lambda c: BCNRepoGN(num_channels=c, num_groups=32)),
+    "bcn_estimated": (BCNRepoConv2d, lambda c: BCNorm(num_channels=c, num_groups=32, eps=1e-5)),
 }
 
 
@@ -184,6 +231,8 @@ def authors_model(repo: str, arch: str, seed: int = 0) -> AuthorsResNet:
         for name, t in model.state_dict().items():
             if name.endswith("num_batches_tracked"):
                 t.fill_(1234)
+            elif name.endswith("estbn_moving_speed"):
+                t.fill_(0.05)
             elif name.endswith("running_var") or name.endswith("weight") and t.dim() != 4:
                 t.uniform_(0.5, 1.5)
             elif t.dim() == 4:
@@ -268,6 +317,22 @@ def test_deeper_released_layouts_load_strictly(tmp_path, repo, arch):
     theirs = authors.state_dict()
     for key, value in ours.state_dict().items():
         assert torch.equal(value, theirs[key.replace(".bn.", ".pbn.") if repo == "bcn" else key]), key
+
+
+def test_estimated_mode_norms_load_and_keep_their_rate(tmp_path):
+    authors = authors_model("bcn_estimated", "resnet18").double()
+    path = tmp_path / "r18_bcn_estimated.pth"
+    save_like_imagenet_py(authors, path)
+    ours = create_model("resnet18_bcn_ws", ws_preset="bcn").double()
+    _load_quietly(ours, path)
+    assert ours.layer1[0].bn1.estimate and ours.layer1[0].bn1.estimate_rate == pytest.approx(0.05)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), authors.eval()(x), rtol=1e-10, atol=1e-10)
+        for _ in range(2):  # training forwards move the estimates, then normalize with them
+            torch.testing.assert_close(ours.train()(x), authors.train()(x), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(ours.layer3[1].bn2.bn.running_mean, authors.layer3[1].bn2.bn.running_mean)
+    torch.testing.assert_close(ours.layer3[1].bn2.bn.running_var, authors.layer3[1].bn2.bn.running_var)
 
 
 def test_bcn_repo_file_into_a_gn_model_names_the_pbn_keys(tmp_path):

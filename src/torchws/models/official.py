@@ -11,9 +11,10 @@ prefix) loads too.
 * BCN repo (joe-siyuan-qiao/Batch-Channel-Normalization, `imagenet/`): `rn50_bcn_ws.pth`, `rn101_bcn_ws.pth`,
   `rx50_bcn_ws.pth`. Each norm holds its per-channel BatchNorm as `pbn` (`bn1.pbn.weight`, `bn1.pbn.bias`,
   `bn1.pbn.running_mean`, `bn1.pbn.running_var`, `bn1.pbn.num_batches_tracked`) and the per-group affine as
-  `bn1.weight`, `bn1.bias` of shape (1, 32, 1); group part eps 1e-5, BatchNorm with batch statistics (not the
-  estimated mode). Their conv is the "bcn" preset: `create_model("resnet50_bcn_ws", ws_preset="bcn")`. The `pbn`
-  keys load into `BatchChannelNorm2d.bn`.
+  `bn1.weight`, `bn1.bias` of shape (1, 32, 1); group part eps 1e-5; the BatchNorm uses batch statistics. Their
+  conv is the "bcn" preset: `create_model("resnet50_bcn_ws", ws_preset="bcn")`. The `pbn` keys load into
+  `BatchChannelNorm2d.bn`. A norm saved in the estimated mode (the repo README's `BCNorm(estimate=True)`, names
+  `bn1.bn.*`) adds its rate as `bn1.bn.estbn_moving_speed`.
 
 Loading into WS layers with another preset, or into a model without WS layers, warns.
 """
@@ -41,6 +42,7 @@ __all__ = [
 
 _PREFIX = "module."
 _BCN_REPO_BATCH_NORM = ".pbn."  # the BCN repo's name for BatchChannelNorm2d.bn
+_ESTIMATE_RATE = "estbn_moving_speed"  # the BCN repo's EstBN: rate of its estimated statistics, a (1,) buffer
 _SHOW = 8  # keys listed per category in an error message before "(+N more)"
 
 
@@ -113,6 +115,19 @@ def _rename_bcn_repo_keys(state: dict[str, torch.Tensor], model: nn.Module) -> d
     return renamed
 
 
+def _take_estimate_rates(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, float]:
+    """Remove `<norm>.bn.estbn_moving_speed` keys from `state`: {norm path: rate} for BatchChannelNorm2d norms."""
+    from torchws.layers.bcn import BatchChannelNorm2d
+
+    modules = dict(model.named_modules())
+    rates = {}
+    for key in [k for k in state if k.endswith(f".bn.{_ESTIMATE_RATE}")]:
+        norm = key[: -len(f".bn.{_ESTIMATE_RATE}")]
+        if isinstance(modules.get(norm), BatchChannelNorm2d):
+            rates[norm] = float(state.pop(key).reshape(-1)[0])
+    return rates
+
+
 def _check_ws_preset(model: nn.Module) -> None:
     from torchws.layers import WSMixin
     from torchws.layers.bcn import BatchChannelNorm2d
@@ -146,7 +161,9 @@ def load_official_checkpoint(
     """Load an authors'-format checkpoint (either repo, see the module docstring) into `model`.
 
     `model` is a torchvision-named ResNet/ResNeXt: a `*_gn_ws` model for the WS repo's files, a `*_bcn_ws` model
-    for the BCN repo's (their `pbn` keys are read as `BatchChannelNorm2d.bn`).
+    for the BCN repo's (their `pbn` keys are read as `BatchChannelNorm2d.bn`). A norm saved from the BCN repo's
+    estimated mode (`BCNorm(estimate=True)`, whose `EstBN` keeps its rate in the buffer `bn.estbn_moving_speed`)
+    loads its statistics into `bn` and switches that BatchChannelNorm2d to `estimate=True` at the saved rate.
 
     strict=True: any missing or unexpected key raises CheckpointMismatchError listing them; strict=False loads the
     keys both sides have and returns the rest. Shape mismatches always raise. For a `features_only` model,
@@ -154,6 +171,7 @@ def load_official_checkpoint(
     CheckpointFormatError naming the file. Warns when the model's WS numerics differ from the authors'.
     """
     state = _rename_bcn_repo_keys(read_official_state_dict(path, map_location=map_location), model)
+    estimate_rates = _take_estimate_rates(state, model)
     if getattr(model, "features_only", False):
         built = {name for name, _ in model.named_children()}
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] in built}
@@ -172,4 +190,7 @@ def load_official_checkpoint(
         )
     _check_ws_preset(model)
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    for norm, rate in estimate_rates.items():  # the file's norms ran the estimated mode (EstBN) at this rate
+        module = model.get_submodule(norm)
+        module.estimate, module.estimate_rate = True, rate
     return LoadResult(missing, unexpected)
