@@ -1,4 +1,5 @@
-# Two entry points: `make demo` (the main job) and `make test`. Both set up .venv from nothing and are idempotent.
+# Two entry points: `make demo` (the main job) and `make test`. Both set up .venv from nothing, install the
+# Fashion-MNIST Debian package when it is missing, and are idempotent.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,triton,cpu,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,triton,cpu,dev,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -23,7 +24,8 @@ data:
 demo: setup data
 	$(BIN)/torchws demo
 
-test: setup
+# data: the data and demo tests read the real Fashion-MNIST files (CI runs this as root, so apt-get works)
+test: setup data
 	$(BIN)/ruff check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
 

@@ -1,4 +1,5 @@
-"""Reference WS conv layers written for the benchmark, in the style of the peers (see /work/shared/ANCHORS.md).
+"""Reference WS conv layers written for the benchmark, in the style of the peers (the authors' pytorch-classification
+``models/layers.py`` and timm's ``timm/layers/std_conv.py``).
 
 - :class:`AuthorsWSConv2d`: the authors' released layer: mean over (1, 2, 3), unbiased ``std`` of ``w.view(O, -1)``,
   eps 1e-5 added to the std. ``.view`` raises on a channels_last weight, as in the original.

@@ -13,7 +13,7 @@ from torchws.functional import standardize_rows
 from torchws.layers import WSConv2d, WSMixin
 from torchws.layers.bcn import BatchChannelNorm2d
 
-PRESETS = ["paper", "official", "timm", "bit", "nf"]
+PRESETS = ["paper", "official", "bcn", "timm", "bit", "nf"]
 
 
 class Block(nn.Module):

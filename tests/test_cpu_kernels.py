@@ -80,15 +80,23 @@ def test_gradient_for_grads_in_another_layout():
     torch.testing.assert_close(got, expected)
 
 
-def test_constant_filters_follow_each_preset():
+_NAN_AT_CONSTANT_FILTERS = pytest.mark.xfail(
+    strict=True, reason="the numba added_to_std backward takes r'(0) as infinite (NaN); torch.std's backward, which "
+    "the per-layer path follows, is 0 at std 0")
+
+
+@pytest.mark.parametrize(
+    "preset", [pytest.param(p, marks=_NAN_AT_CONSTANT_FILTERS) if p == "official" else p for p in PRESET_NAMES]
+)
+def test_constant_filters_follow_each_preset(preset):
     w = torch.ones(3, 9, dtype=torch.float64, requires_grad=True)
-    for preset in PRESET_NAMES:
-        (y,) = _run(preset, [w])
-        assert torch.equal(y, torch.zeros_like(y))
-        (g,) = torch.autograd.grad([y], [w], [torch.randn_like(y)])
-        (g_ref,) = torch.autograd.grad(_reference([w], preset), [w], [torch.randn_like(y)])
-        # 'official' (std + eps outside the root) has an infinite derivative at std 0: NaN, as per layer
-        assert torch.isnan(g).any() == torch.isnan(g_ref).any() == (not PRESETS[preset].safe), preset
+    (y,) = _run(preset, [w])
+    assert torch.equal(y, torch.zeros_like(y))
+    up = torch.randn_like(y)
+    (g,) = torch.autograd.grad([y], [w], [up])
+    (g_ref,) = torch.autograd.grad(_reference([w], preset), [w], [up])
+    assert torch.isfinite(g_ref).all()
+    torch.testing.assert_close(g, g_ref)
 
 
 @settings(max_examples=30, deadline=None)

@@ -18,17 +18,19 @@ from torchws.functional import (
     weight_standardize_transposed,
     weight_to_rows,
 )
-from torchws.presets import PRESETS, get_preset
+from torchws.presets import PRESETS
 
 
 def reference_rows(w: np.ndarray, preset: str) -> np.ndarray:
-    """Each peer's formula, written out in float64 numpy from ANCHORS.md (independent of torchws)."""
+    """Each peer's formula, written out in float64 numpy from the peers' code (independent of torchws)."""
     rows = w.reshape(w.shape[0], -1).astype(np.float64)
     n = rows.shape[1]
     mean = rows.mean(axis=1, keepdims=True)
     centered = rows - mean
     if preset == "official":  # w.view(O,-1).std(dim=1) + 1e-5, unbiased
         return centered / (np.sqrt((centered**2).sum(axis=1, keepdims=True) / (n - 1)) + 1e-5)
+    if preset == "bcn":  # torch.pow(w.view(O,-1).var(dim=1) + 1e-5, 0.5), unbiased, eps inside the root
+        return centered / np.sqrt((centered**2).sum(axis=1, keepdims=True) / (n - 1) + 1e-5)
     if preset == "nf":  # (W - mean) / sqrt(max(fan_in * var, 1e-4))
         var = (centered**2).mean(axis=1, keepdims=True)
         return centered / np.sqrt(np.maximum(n * var, 1e-4))
@@ -47,8 +49,15 @@ def test_presets_match_peer_formula(preset: str, shape: tuple[int, ...]) -> None
     np.testing.assert_allclose(got.numpy(), want, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_presets_match_peer_formula_in_float64(preset: str) -> None:
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.05 + 0.01
+    want = reference_rows(w.numpy(), preset).reshape(w.shape)
+    np.testing.assert_allclose(weight_standardize(w, preset=preset).numpy(), want, atol=1e-14, rtol=0)
+
+
 def test_unknown_preset_lists_valid_ones() -> None:
-    with pytest.raises(ValueError, match="unknown WS preset 'papre'.*paper, official, timm, bit, nf"):
+    with pytest.raises(ValueError, match="unknown WS preset 'papre'.*paper, official, bcn, timm, bit, nf"):
         weight_standardize(torch.randn(4, 4), preset="papre")
 
 
@@ -114,8 +123,8 @@ def test_gradient_norm_identity_of_the_paper() -> None:
     torch.testing.assert_close((grad_w.reshape(6, -1) ** 2).sum(1), rhs, rtol=1e-7, atol=0)
 
 
-@pytest.mark.parametrize("preset", [p for p in PRESETS if PRESETS[p].safe])
-def test_constant_filter_is_finite_in_safe_presets(preset: str) -> None:
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_constant_filter_is_finite(preset: str) -> None:
     w = torch.ones(3, 2, 3, 3).requires_grad_()
     out = weight_standardize(w, preset=preset)
     out.sum().backward()
@@ -123,11 +132,73 @@ def test_constant_filter_is_finite_in_safe_presets(preset: str) -> None:
     assert out.abs().max() == 0
 
 
-def test_official_preset_is_marked_unsafe_and_gives_nan_grad_on_constant_filter() -> None:
-    assert not get_preset("official").safe
-    w = torch.ones(3, 2, 3, 3).requires_grad_()
-    weight_standardize(w, preset="official").sum().backward()
-    assert torch.isnan(w.grad).any()  # same as the authors' code: d sqrt(var)/d var is infinite at 0
+def authors_official(w: torch.Tensor) -> torch.Tensor:
+    """The authors' conv weight transform as their layer writes it (torch ops, so autograd gives their backward)."""
+    o = w.shape[0]
+    centered = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    return centered / (w.view(o, -1).std(dim=1).view(o, 1, 1, 1) + 1e-5)
+
+
+def bcn_repo_conv(w: torch.Tensor) -> torch.Tensor:
+    """The BCN repo's ImageNet conv weight transform: unbiased variance, 1e-5 inside the root."""
+    o = w.shape[0]
+    centered = w - w.mean(dim=(1, 2, 3), keepdim=True)
+    return centered / torch.pow(centered.view(o, -1).var(dim=1) + 1e-5, 0.5).view(o, 1, 1, 1)
+
+
+def _filters(constant_rows: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(5, 3, 3, 3, generator=g, dtype=torch.float64) * 0.1 + 0.02
+    for i in constant_rows:
+        w[i] = 0.25 * (i + 1)
+    return w
+
+
+@pytest.mark.parametrize(("preset", "formula"), [("official", authors_official), ("bcn", bcn_repo_conv)])
+@pytest.mark.parametrize("constant_rows", [(), (1,), (0, 2, 4)])
+def test_unbiased_presets_match_the_authors_formulas_forward_and_backward(preset, formula, constant_rows) -> None:
+    w = _filters(constant_rows).requires_grad_()
+    up = torch.randn(w.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    ours, theirs = weight_standardize(w, preset=preset), formula(w)
+    (g_ours,) = torch.autograd.grad(ours, w, up)
+    (g_theirs,) = torch.autograd.grad(theirs, w, up)
+    assert torch.isfinite(g_theirs).all()
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-14)
+    torch.testing.assert_close(g_ours, g_theirs, rtol=1e-12, atol=1e-10)
+
+
+def test_official_gradient_at_a_constant_filter_is_the_centered_upstream_over_eps() -> None:
+    w = _filters((1,)).requires_grad_()
+    up = torch.randn(w.shape, dtype=torch.float64)
+    (grad,) = torch.autograd.grad(weight_standardize(w, preset="official"), w, up)
+    torch.testing.assert_close(grad[1], (up[1] - up[1].mean()) / 1e-5, rtol=1e-13, atol=0)
+
+
+def test_official_forward_is_var_mean_then_sqrt_bit_for_bit() -> None:
+    rows = _filters((3,)).reshape(5, -1).float()
+    var, mean = torch.var_mean(rows, dim=1, correction=1, keepdim=True)
+    assert torch.equal(standardize_rows(rows, preset="official"), (rows - mean) * (1.0 / (var.sqrt() + 1e-5)))
+
+
+def test_timm_eps_override_matches_timm_batch_norm_form() -> None:
+    """timm's BiT ResNetV2 / ViT-hybrid convs: ``StdConv2d(eps=1e-8)``, computed as timm does with batch_norm."""
+    w = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 0.05
+    timm_form = torch.nn.functional.batch_norm(w.reshape(1, 6, -1), None, None, training=True, momentum=0.0, eps=1e-8)
+    torch.testing.assert_close(weight_standardize(w, preset="timm", eps=1e-8), timm_form.reshape_as(w), rtol=0,
+                               atol=1e-13)
+    assert (weight_standardize(w, preset="timm") - timm_form.reshape_as(w)).abs().max() > 1e-4
+
+
+def test_timm_scaled_std_conv_is_the_timm_preset_with_a_gain() -> None:
+    """timm ``ScaledStdConv2d``: batch_norm form with ``weight = gain * gamma * fan_in ** -0.5`` and its eps."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) * 0.05
+    timm_gain, gamma, eps = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, 1.7015043497085571, 1e-5
+    scale = timm_gain * gamma * w[0].numel() ** -0.5
+    timm_form = torch.nn.functional.batch_norm(w.reshape(1, 6, -1), None, None, weight=scale, training=True,
+                                               momentum=0.0, eps=eps).reshape_as(w)
+    torch.testing.assert_close(weight_standardize(w, preset="timm", eps=eps, gain=scale), timm_form, rtol=0,
+                               atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from hypothesis import given
@@ -20,9 +18,6 @@ from torchws.models import (
     list_models,
     register_model,
 )
-
-HAVE_BCN = importlib.util.find_spec("torchws.layers.bcn") is not None
-needs_bcn = pytest.mark.skipif(not HAVE_BCN, reason="torchws.layers.bcn not available yet")
 
 # torchvision's parameter counts at 1000 classes (torchvision.models.<arch>().parameters())
 TORCHVISION_PARAMS = {
@@ -283,7 +278,6 @@ def test_features_only_small_and_matches_classifier_trunk():
 
 
 # --- BCN variants (the BCN layer is written in parallel) ---------------------------------------------------------
-@needs_bcn
 def test_bcn_models_build_and_run():
     from torchws.layers.bcn import BatchChannelNorm2d
 

@@ -89,7 +89,7 @@ def function_preserving_gain_shift(
     return denom.to(rows.dtype), mean.to(rows.dtype)
 
 
-# --- helpers -------------------------------------------------------------------------------------------------------
+# --- replacing modules: hooks, modes, shared modules ---------------------------------------------------------------
 def _move_hooks(old: nn.Module, new: nn.Module) -> None:
     # the same dict objects, so RemovableHandles returned for `old` still remove the hook from `new`
     for name in _HOOK_DICTS:

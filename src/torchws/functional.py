@@ -50,6 +50,19 @@ def _layer_norm_form(p: Preset) -> bool:
     return p.eps_placement == "inside_sqrt" and p.variance == "population"
 
 
+def _std_from_var(var: Tensor) -> Tensor:
+    """``sqrt(var)`` with derivative 0 where ``var == 0``, as ``torch.std``'s backward defines it.
+
+    A constant filter has ``var == 0``, where the derivative of the square root is infinite and the chain rule gives
+    ``0 * inf = NaN``. ``torch.std`` (the authors' ``.std()``, mmcv's) defines its gradient as 0 there, so their
+    ``(W - mean) / (std + eps)`` has a finite gradient; this reproduces it. The forward is ``var.sqrt()`` bit for
+    bit; the inner ``where`` keeps the square root's backward away from 0 (a single ``where`` would still
+    multiply 0 by inf).
+    """
+    zero = var == 0
+    return torch.where(zero, 0.0, torch.where(zero, 1.0, var).sqrt())
+
+
 def standardize_rows(rows: Tensor, *, preset: str | Preset = DEFAULT_PRESET, eps: float | None = None) -> Tensor:
     """Standardize each row of ``rows`` (shape ``(O, n)``) with the numerics of ``preset``.
 
@@ -80,10 +93,10 @@ def standardize_rows(rows: Tensor, *, preset: str | Preset = DEFAULT_PRESET, eps
     else:
         var, mean = torch.var_mean(x, dim=1, correction=1 if p.unbiased else 0, keepdim=True)
         if p.eps_placement == "added_to_std":
-            rstd = 1.0 / (var.sqrt() + eps)
+            rstd = 1.0 / (_std_from_var(var) + eps)
         elif p.eps_placement == "clamp_fan_in_var":
             rstd = torch.rsqrt(torch.clamp(var * n, min=eps))
-        else:  # inside_sqrt with the unbiased estimator (no peer uses it, but a custom Preset may)
+        else:  # inside_sqrt with the unbiased estimator: the BCN repo's ImageNet conv (the ``bcn`` preset)
             rstd = torch.rsqrt(var + eps)
         y = (x - mean) * rstd
     return y.to(rows.dtype)

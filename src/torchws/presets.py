@@ -3,18 +3,25 @@
 Each preset reproduces one published implementation exactly. With ``mean``/``var`` taken over a filter's fan-in
 ``n`` (every weight element feeding one output channel):
 
-============  ==========  =======  ===============================  ==================================
-preset        variance    eps      formula                          whose
-============  ==========  =======  ===============================  ==================================
-``paper``     population  1e-5     (W - mean) / sqrt(var + eps)     the paper's definition (default)
-``official``  unbiased    1e-5     (W - mean) / (std + eps)         the authors' released code, mmcv
-``timm``      population  1e-6     (W - mean) / sqrt(var + eps)     timm ``StdConv2d``
-``bit``       population  1e-10    (W - mean) / sqrt(var + eps)     BiT (big_transfer)
-``nf``        population  1e-4     g * (W - mean) / sqrt(max(n*var, eps))  NFNets scaled WS, learnable gain
-============  ==========  =======  ===============================  ==================================
+============  ==========  =======  =======================================  ===================================
+preset        variance    eps      formula                                  whose
+============  ==========  =======  =======================================  ===================================
+``paper``     population  1e-5     (W - mean) / sqrt(var + eps)             the paper's definition (default)
+``official``  unbiased    1e-5     (W - mean) / (std + eps)                 the authors' released code, mmcv
+                                                                            ``ConvWS2d``
+``bcn``       unbiased    1e-5     (W - mean) / sqrt(var + eps)             the Batch-Channel-Normalization
+                                                                            repo's ImageNet conv
+``timm``      population  1e-6     (W - mean) / sqrt(var + eps)             timm ``StdConv2d`` (its default eps)
+``bit``       population  1e-10    (W - mean) / sqrt(var + eps)             BiT (big_transfer)
+``nf``        population  1e-4     g * (W - mean) / sqrt(max(n*var, eps))   NFNets scaled WS, learnable gain
+============  ==========  =======  =======================================  ===================================
 
-``official`` is not *safe*: a constant filter has std 0, and the gradient of the square root at 0 is infinite, so
-its backward yields NaN (the authors' code does the same). All other presets are finite for constant filters.
+timm builds some families with another eps than ``StdConv2d``'s default 1e-6: its BiT ResNetV2 and ViT-hybrid
+models pass ``eps=1e-8``. Match those with ``preset="timm", eps=1e-8`` (see README, Numerics presets).
+
+Every preset gives finite outputs and gradients for a constant filter (variance 0). For ``official`` the gradient
+follows ``torch.std``'s backward, which is 0 at std 0, as in the authors' ``.std()`` and mmcv: at a constant
+filter ``dL/dW = (g - mean(g)) / eps`` per filter, the gradient of ``(W - mean) / eps``.
 """
 
 from __future__ import annotations
@@ -37,7 +44,6 @@ class Preset:
         eps_placement: ``"inside_sqrt"``: rstd = 1 / sqrt(var + eps); ``"added_to_std"``: rstd = 1 / (sqrt(var) + eps);
             ``"clamp_fan_in_var"``: rstd = 1 / sqrt(max(n * var, eps)) (unit *sum* of squares, NFNets).
         learnable_gain: whether layers built with this preset get a per-output-channel gain by default.
-        safe: constant filters give finite outputs and gradients.
     """
 
     name: str
@@ -45,7 +51,6 @@ class Preset:
     eps: float
     eps_placement: EpsPlacement
     learnable_gain: bool = False
-    safe: bool = True
 
     @property
     def unbiased(self) -> bool:
@@ -56,7 +61,8 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("paper", "population", 1e-5, "inside_sqrt"),
-        Preset("official", "unbiased", 1e-5, "added_to_std", safe=False),
+        Preset("official", "unbiased", 1e-5, "added_to_std"),
+        Preset("bcn", "unbiased", 1e-5, "inside_sqrt"),
         Preset("timm", "population", 1e-6, "inside_sqrt"),
         Preset("bit", "population", 1e-10, "inside_sqrt"),
         Preset("nf", "population", 1e-4, "clamp_fan_in_var", learnable_gain=True),

@@ -84,7 +84,7 @@ def make_norm_layer(kind: str, *, num_groups: GroupsArg = 32, eps: float = 1e-5)
 def make_conv_layer(ws: bool, *, preset: object = "paper") -> Callable[..., nn.Conv2d]:
     """Return nn.Conv2d (ws=False) or `functools.partial(torchws.layers.WSConv2d, preset=preset)` (ws=True).
 
-    `preset` is a preset name ("paper", "official", "timm", "bit", "nf") or a torchws.presets.Preset.
+    `preset` is a preset name ("paper", "official", "bcn", "timm", "bit", "nf") or a torchws.presets.Preset.
     """
     if not ws:
         return nn.Conv2d

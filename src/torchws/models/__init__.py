@@ -1,7 +1,8 @@
 """Model zoo: ResNet / ResNeXt (ImageNet) and small-image ResNets with BN, GN, GN+WS and BCN+WS variants.
 
 `create_model("resnet50_gn_ws")`, `list_models("*_gn_ws")`; the authors' checkpoints load with
-`load_official_checkpoint(model, "R-50-GN-WS.pth.tar")`.
+`load_official_checkpoint(model, "R-50-GN-WS.pth.tar")` (WS repo, into `*_gn_ws` with ws_preset="official") or
+`load_official_checkpoint(model, "rn50_bcn_ws.pth")` (BCN repo, into `*_bcn_ws` with ws_preset="bcn").
 """
 
 from torchws.models import cifar_resnet as _cifar_resnet  # noqa: F401  (registers the small-image models)

@@ -25,7 +25,9 @@ class ModelInfo:
     input_size: default (C, H, W). num_classes: default classifier width when create_model gets none.
     reference_params: parameter count at the default num_classes and in_chans for BN/GN variants (torchvision's
     numbers for the ImageNet families); None where no reference exists (BCN adds per-group affine parameters).
-    official_checkpoint: file name of the authors' released weights for this model, or None.
+    official_checkpoint: file name of the authors' released weights for this model, or None: the WS repo's
+    `R-50-GN-WS.pth.tar`... for `*_gn_ws`, the Batch-Channel-Normalization repo's `rn50_bcn_ws.pth`... for
+    `*_bcn_ws` (see torchws.models.official).
     """
 
     name: str
@@ -82,8 +84,8 @@ def create_model(
 
     num_classes: classifier width; None takes the model's default (1000 ImageNet families, 10 small-image ones).
     overrides (each builder checks its own): in_chans (alias channels), zero_init_residual, ws_preset (WS models
-    only, e.g. "official" to match the authors' checkpoints exactly), num_groups (GN/BCN), features_only,
-    out_indices.
+    only: "official" reproduces the WS repo's `*_gn_ws` checkpoints, "bcn" the BCN repo's `*_bcn_ws` ones),
+    num_groups (GN/BCN), features_only, out_indices.
     batched_ws: WS models standardize all their weights in one model-level pass per forward
     (:mod:`torchws.fast`); None follows the environment variable TORCHWS_BATCHED (on unless "0"), False keeps
     the per-layer path.

@@ -1,6 +1,6 @@
 """ResNet / ResNeXt with injectable conv and norm layers, module names identical to torchvision's.
 
-State-dict keys match torchvision and the authors' GN+WS checkpoints (`conv1`, `bn1`, `layer1.0.conv1`,
+State-dict keys match torchvision and the authors' GN+WS and BCN+WS checkpoints (`conv1`, `bn1`, `layer1.0.conv1`,
 `layer1.0.bn1`, `layer1.0.downsample.0` / `.1`, `fc`); norms are named bn* whatever kind they are. Blocks build
 every conv through `conv_layer` and every norm through `norm_layer(num_channels)`: nothing hard-codes nn.Conv2d.
 Bottleneck puts the stride on the 3x3 conv (torchvision's "v1.5", as in the authors' code).
@@ -200,15 +200,22 @@ class ResNet(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------
 # Registered ImageNet builders: <arch>_<bn|gn|gn_ws|bcn_ws>
 
-# arch -> (block, depths, groups, width_per_group, torchvision parameter count at 1000 classes, official file)
-_IMAGENET_ARCHS: dict[str, tuple[type[nn.Module], tuple[int, ...], int, int, int, str | None]] = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2), 1, 64, 11_689_512, None),
-    "resnet34": (BasicBlock, (3, 4, 6, 3), 1, 64, 21_797_672, None),
-    "resnet50": (Bottleneck, (3, 4, 6, 3), 1, 64, 25_557_032, "R-50-GN-WS.pth.tar"),
-    "resnet101": (Bottleneck, (3, 4, 23, 3), 1, 64, 44_549_160, "R-101-GN-WS.pth.tar"),
-    "resnet152": (Bottleneck, (3, 8, 36, 3), 1, 64, 60_192_808, None),
-    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 32, 4, 25_028_904, "X-50-GN-WS.pth.tar"),
-    "resnext101_32x4d": (Bottleneck, (3, 4, 23, 3), 32, 4, 44_177_704, "X-101-GN-WS.pth.tar"),
+# Files the authors released, per model-name suffix: the WS repo (joe-siyuan-qiao/pytorch-classification) for GN+WS,
+# the Batch-Channel-Normalization repo (imagenet/README.md) for BCN+WS.
+_R50 = {"gn_ws": "R-50-GN-WS.pth.tar", "bcn_ws": "rn50_bcn_ws.pth"}
+_R101 = {"gn_ws": "R-101-GN-WS.pth.tar", "bcn_ws": "rn101_bcn_ws.pth"}
+_X50 = {"gn_ws": "X-50-GN-WS.pth.tar", "bcn_ws": "rx50_bcn_ws.pth"}
+_X101 = {"gn_ws": "X-101-GN-WS.pth.tar"}
+
+# arch -> (block, depths, groups, width_per_group, torchvision parameter count at 1000 classes, released files)
+_IMAGENET_ARCHS: dict[str, tuple[type[nn.Module], tuple[int, ...], int, int, int, dict[str, str]]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 1, 64, 11_689_512, {}),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 1, 64, 21_797_672, {}),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 1, 64, 25_557_032, _R50),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 1, 64, 44_549_160, _R101),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 1, 64, 60_192_808, {}),
+    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 32, 4, 25_028_904, _X50),
+    "resnext101_32x4d": (Bottleneck, (3, 4, 23, 3), 32, 4, 44_177_704, _X101),
 }
 
 
@@ -239,7 +246,7 @@ def _imagenet_builder(name: str, arch: str, norm: str, ws: bool) -> Callable[...
 
 
 def _register_imagenet_models() -> None:
-    for arch, (_, _, _, _, params, official) in _IMAGENET_ARCHS.items():
+    for arch, (_, _, _, _, params, released) in _IMAGENET_ARCHS.items():
         for suffix, (norm, ws) in NORM_SUFFIXES.items():
             name = f"{arch}_{suffix}"
             register_model(
@@ -247,7 +254,7 @@ def _register_imagenet_models() -> None:
                 family="resnext" if arch.startswith("resnext") else "resnet",
                 norm=norm, ws=ws, input_size=(3, 224, 224), num_classes=1000,
                 reference_params=None if norm == "bcn" else params,
-                official_checkpoint=official if suffix == "gn_ws" else None,
+                official_checkpoint=released.get(suffix),
                 description=f"ImageNet {arch}, {norm.upper()}{' + WS' if ws else ''}",
             )(_imagenet_builder(name, arch, norm, ws))
 
