@@ -187,6 +187,9 @@ def test_a_write_that_fails_half_way_keeps_config_and_metrics(tmp_path):
 class Killed(BaseException):
     """Stands for a kill: nothing after it runs."""
 
+    def __str__(self) -> str:
+        return "killed"
+
 
 def test_best_pt_never_lags_the_best_accuracy_in_last_pt(tmp_path, monkeypatch):
     """last.pt used to be written before best.pt: a kill between the two left a last.pt whose best_acc had no
@@ -205,7 +208,7 @@ def test_best_pt_never_lags_the_best_accuracy_in_last_pt(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine_module.ckpt, "atomic_save", save)
     splits = tiny_splits()
-    with pytest.raises(Killed):
+    with pytest.raises(Killed, match="killed"):
         train(tiny_cfg(tmp_path, epochs=3), splits=splits, echo=False)
     run = tmp_path / "run"
     assert load_checkpoint(run / "best.pt")["best_acc"] >= load_checkpoint(run / "last.pt")["best_acc"]
