@@ -107,15 +107,15 @@ def test_unusable_resume_checkpoint_leaves_the_out_dir_untouched(tmp_path):
     last = run / "last.pt"
     last.write_bytes(last.read_bytes()[:5000])
     before = snapshot(run)
-    with pytest.raises(CheckpointError, match=rf"checkpoint {last} is unreadable"):
-        train(tiny_cfg(tmp_path, epochs=2, resume="auto"), splits=splits, echo=False)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {last} is unreadable"):  # named: no fallback
+        train(tiny_cfg(tmp_path / "w", epochs=2, resume=str(last)), splits=splits, echo=False)
     with pytest.raises(CheckpointError, match="is not a file"):
         train(tiny_cfg(tmp_path / "x", epochs=2, resume=str(run)), splits=splits, echo=False)
     torch.save({"format": "torchws-train-1", "model": {}}, tmp_path / "partial.pt")  # ours, but keys missing
     with pytest.raises(CheckpointError, match=r"partial\.pt .*optimizer"):
         train(tiny_cfg(tmp_path / "y", epochs=2, resume=str(tmp_path / "partial.pt")), splits=splits, echo=False)
     assert snapshot(run) == before
-    assert not (tmp_path / "x/run").exists() and not (tmp_path / "y/run").exists()
+    assert not any((tmp_path / name / "run").exists() for name in ("w", "x", "y"))
 
 
 # ---------------------------------------------------------------- metrics.jsonl

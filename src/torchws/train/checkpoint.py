@@ -10,7 +10,9 @@ Everything is stored as tensors and plain Python values, so ``torch.load(weights
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,16 @@ from torch import nn
 from .atomic import atomic_write
 from .errors import CheckpointError
 
-__all__ = ["FORMAT", "REQUIRED_KEYS", "atomic_save", "capture_rng", "load_checkpoint", "restore_model", "restore_rng"]
+__all__ = [
+    "FORMAT",
+    "REQUIRED_KEYS",
+    "atomic_save",
+    "capture_rng",
+    "load_checkpoint",
+    "model_mismatch",
+    "restore_model",
+    "restore_rng",
+]
 
 FORMAT = "torchws-train-1"
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "rng", "epoch", "batch_in_epoch", "step", "best_acc", "history")
@@ -72,7 +83,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is not a file; pass a .pt file such as <out-dir>/last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for damaged files
+    except pickle.UnpicklingError as e:
+        if "weights only load failed" in str(e).lower():  # weights_only met a class or function: never run it
+            raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain values (such "
+                                  f"as code to call), so it is refused; it was not written by torchws's trainer "
+                                  f"({_unsupported_global(e)})") from None  # fmt: skip
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged files
         raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a torchws training checkpoint (no format '{FORMAT}')")
@@ -82,17 +99,33 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def restore_model(model: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike, saved_model: str) -> None:
-    """Load ``state`` into ``model`` strictly; mismatched keys or shapes raise one-line CheckpointError."""
-    own = model.state_dict()
+def _unsupported_global(error: BaseException) -> str:
+    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    return f"it names {match.group(1)}" if match else _first_line(error)
+
+
+def model_mismatch(model: nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> str | None:
+    """Why the checkpoint ``ckpt`` (read from ``path``) does not fit ``model`` (keys or shapes), or None."""
+    state, own = ckpt["model"], model.state_dict()
+    if not isinstance(state, dict):
+        return f"checkpoint {path} holds no model state dict"
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or shapes:
-        details = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", shapes)):
-            if keys:
-                details.append(f"{len(keys)} {label} keys (e.g. {keys[0]})")
-        raise CheckpointError(f"checkpoint {path} was saved from model '{saved_model}' and does not fit this model: "
-                              f"{'; '.join(details)}")  # fmt: skip
-    model.load_state_dict(state)
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(getattr(state[k], "shape", ()))]
+    if not (missing or unexpected or shapes):
+        return None
+    details = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape-mismatched", shapes)):
+        if keys:
+            details.append(f"{len(keys)} {label} keys (e.g. {keys[0]})")
+    saved = ckpt.get("config", {}).get("model", "?") if isinstance(ckpt.get("config"), dict) else "?"
+    return f"checkpoint {path} was saved from model '{saved}' and does not fit this model: {'; '.join(details)}"
+
+
+def restore_model(model: nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> None:
+    """Load the checkpoint's model state into ``model`` strictly; mismatched keys or shapes raise one-line
+    CheckpointError."""
+    problem = model_mismatch(model, ckpt, path)
+    if problem is not None:
+        raise CheckpointError(problem)
+    model.load_state_dict(ckpt["model"])

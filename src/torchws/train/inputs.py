@@ -27,7 +27,7 @@ from .distributed import DistInfo
 from .errors import ConfigError
 from .signals import ignore_stop_signals
 
-__all__ = ["Inputs", "build_inputs", "build_model", "check_image_size", "min_image_size"]
+__all__ = ["Inputs", "build_inputs", "build_model", "check_ws_backend", "check_image_size", "min_image_size"]
 
 EVAL_BATCH = 256
 SUBSET_SEED = 0  # the --max-train-images subset is the same for every run and seed
@@ -113,6 +113,27 @@ def check_image_size(model_name: str, image_size: int, dataset: str) -> None:
         hint = " (use a small-image model such as cifar_resnet20_gn_ws or cifar_resnet18_gn_ws)" if need > 32 else ""
         raise ConfigError(f"--model {model_name} needs images of at least {need} px, but --dataset {dataset} has "
                           f"{image_size} px images{hint}")  # fmt: skip
+
+
+def check_ws_backend(backend: str, model: nn.Module, device: torch.device) -> None:
+    """The Triton and numba passes fail only at the first forward, mid-run; refuse them up front where their kernels
+    cannot run."""
+    if backend not in ("triton", "numba") or not any(isinstance(m, WSMixin) for m in model.modules()):
+        return
+    if backend == "numba":
+        from torchws.kernels import cpu_ws
+
+        if device.type != "cpu" or not cpu_ws.is_available():
+            raise ConfigError(
+                f"--ws-backend numba: the numba kernels run on the CPU with numba installed "
+                f"(pip install 'torchws[cpu]'), not on {device}; use --ws-backend auto or torch"
+            )
+        return
+    from torchws.kernels import is_available
+
+    if not is_available(device):
+        raise ConfigError(f"--ws-backend triton: no Triton kernel for device {device} (needs CUDA and triton "
+                          "installed); use --ws-backend auto or torch")  # fmt: skip
 
 
 def check_model_name(name: str) -> None:
