@@ -62,6 +62,8 @@ def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
     """Give the file ``source`` a second name ``path`` (replacing ``path`` atomically); where the file system has no
     hard links, ``path`` gets an atomically written copy."""
     source, path = Path(source), Path(path)
+    if path.exists() and os.path.samefile(source, path):
+        return  # already done (a run killed right after it); rename(2) onto the same file would leave tmp behind
     tmp = _temp_path(path)
     try:
         os.link(source, tmp)

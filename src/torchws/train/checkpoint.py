@@ -3,7 +3,8 @@
 A checkpoint is a dict: ``model`` (state dict of the unwrapped model), ``optimizer``, ``scheduler``, ``scaler``
 (None unless a GradScaler is used), ``rng`` (python, numpy, torch, cuda), ``epoch`` (the epoch in progress or next),
 ``batch_in_epoch`` (optimizer steps already done in it), ``step`` (optimizer steps in total), ``best_acc``,
-``history`` (epoch records), ``config`` (the resolved TrainConfig as a dict) and ``format``.
+``history`` (epoch records), ``config`` (the resolved TrainConfig as a dict), ``nonfinite`` (skipped-step counts),
+``format`` and ``checksum`` (CRC-32 of the rest, checked on load: corruption inside a tensor is otherwise silent).
 Everything is stored as tensors and plain Python values, so ``torch.load(weights_only=True)`` reads it.
 """
 
@@ -13,6 +14,7 @@ import os
 import pickle
 import random
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,12 @@ __all__ = [
     "REQUIRED_KEYS",
     "atomic_save",
     "capture_rng",
+    "checksum",
     "load_checkpoint",
     "model_mismatch",
     "restore_model",
     "restore_rng",
+    "save_checkpoint",
 ]
 
 FORMAT = "torchws-train-1"
@@ -42,6 +46,34 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temp file next to ``path``, fsync it, then ``os.replace``: a crash at any point leaves
     either the old file or the new one, never a partial file under ``path``."""
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def checksum(obj: Any) -> int:
+    """CRC-32 of everything in ``obj`` (nested dicts, lists, tuples, tensors' dtype, shape and bytes, and the repr of
+    plain values). A checkpoint's bytes can change without torch.load noticing (a flipped bit inside a tensor loads
+    as another number), so checkpoints carry this and loading checks it."""
+
+    def walk(value: Any, crc: int) -> int:
+        if isinstance(value, dict):
+            for key in sorted(value, key=repr):
+                crc = walk(value[key], zlib.crc32(repr(key).encode(), crc))
+            return crc
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                crc = walk(item, crc)
+            return zlib.crc32(f"seq{len(value)}".encode(), crc)
+        if isinstance(value, torch.Tensor):
+            crc = zlib.crc32(f"{value.dtype}{tuple(value.shape)}".encode(), crc)
+            data = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            return zlib.crc32(data, crc)
+        return zlib.crc32(repr(value).encode(), crc)
+
+    return walk(obj, 0)
+
+
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike) -> None:
+    """``atomic_save`` of a training checkpoint with its ``checksum`` added."""
+    atomic_save({**state, "checksum": checksum(state)}, path)
 
 
 def capture_rng() -> dict[str, Any]:
@@ -96,11 +128,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     missing = [key for key in REQUIRED_KEYS if key not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} is incomplete: it lacks {', '.join(missing)}")
+    saved = ckpt.pop("checksum", None)  # (absent in checkpoints written before it was added)
+    if saved is not None and saved != checksum(ckpt):
+        raise CheckpointError(f"checkpoint {path} is corrupt: its contents do not match the checksum written with it")
     return ckpt
 
 
 def _unsupported_global(error: BaseException) -> str:
-    match = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+    match = re.search(r"GLOBAL ([\w.]+)", str(error))
     return f"it names {match.group(1)}" if match else _first_line(error)
 
 

@@ -180,10 +180,10 @@ class CheckpointWriter:
         step = int(state["step"])
         last = self.run_dir / "last.pt"
         if best:  # before last.pt: a kill in between must not leave a best_acc whose model is nowhere
-            ckpt.atomic_save(state, self.run_dir / "best.pt")
+            ckpt.save_checkpoint(state, self.run_dir / "best.pt")
         if self.keep > 1 and self.last_step is not None and self.last_step != step and last.exists():
             atomic_link(last, self.run_dir / f"checkpoint-step{self.last_step:07d}.pt")
-        ckpt.atomic_save(state, last)
+        ckpt.save_checkpoint(state, last)
         self.last_step = step
         kept = kept_checkpoints(self.run_dir)
         older = [s for s in kept if s < step]
