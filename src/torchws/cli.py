@@ -13,6 +13,7 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+EXIT_NONFINITE = 3
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -94,10 +95,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchws`` console script; returns the exit code."""
+    from torchws.train.errors import NonFiniteError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except NonFiniteError as e:  # the run diverged; last.pt holds the weights before (docs/reliability.md)
+        print(f"torchws: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_NONFINITE
     except _user_errors() as e:
         message = " ".join(str(e).split())  # one line, whatever the library put in it
         print(f"torchws: error: {message}", file=sys.stderr)

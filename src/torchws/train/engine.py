@@ -284,6 +284,7 @@ class Trainer:
 
     def _optimizer_step(self, micro: list[Any], stats: StepStats, index: int) -> float:
         """One optimizer step over ``micro``, applied only if its loss and gradients are finite; returns its lr."""
+        previous_lr = [group["lr"] for group in self.optimizer.param_groups]
         lr = self.schedule.apply(self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
         step_stats = StepStats()
@@ -292,7 +293,7 @@ class Trainer:
         bad = not NonFiniteGuard.is_finite(step_stats.loss_sum, self.model)
         if all_reduce_max(int(bad), self.info, self.device):  # every rank decides alike
             if self.guard.failed():
-                self._stop_nonfinite(index, step_stats)
+                self._stop_nonfinite(index, step_stats, previous_lr)
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
@@ -329,12 +330,14 @@ class Trainer:
             self.writer.save(self._state(), best=is_best)
             self.saved_step = self.step
 
-    def _stop_nonfinite(self, index: int, step_stats: StepStats) -> None:
+    def _stop_nonfinite(self, index: int, step_stats: StepStats, previous_lr: list[float]) -> None:
         """The step in progress had a NaN/Inf: write last.pt as of the step before, then raise NonFiniteError."""
         loss = step_stats.loss_sum / max(step_stats.images, 1)
         message = self.guard.message(self.step + 1, self.epoch, index + 1, loss, first_nonfinite_grad(self.model))
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step, self.batch_in_epoch = self.step, index  # the step is not done
+        for group, lr in zip(self.optimizer.param_groups, previous_lr):
+            group["lr"] = lr
         if self.logger is not None:
             self.logger.log("nonfinite", step=self.step + 1, epoch=self.epoch, loss=loss, stopped=True)
         if self.info.is_main and self.cfg.save_checkpoints:
