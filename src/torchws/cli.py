@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["main"]
 
@@ -57,11 +58,18 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line of stderr (exit code 2), like every other user error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``torchws`` with one subparser per verb."""
     from torchws.train import add_config_flags
 
-    parser = argparse.ArgumentParser(prog="torchws", description="Weight Standardization for PyTorch.")
+    parser = _Parser(prog="torchws", description="Weight Standardization for PyTorch.")
     verbs = parser.add_subparsers(dest="verb", metavar="{train,demo,models,datasets}", required=True)
     train = verbs.add_parser("train", help="train a model (single process or under torchrun)")
     add_config_flags(train)

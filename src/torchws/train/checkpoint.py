@@ -116,13 +116,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights only load failed" in str(e).lower():  # weights_only met a class or function: never run it
+        named = _unsupported_global(e)
+        if named is not None:  # weights_only met a class or function to call: it never runs
             raise CheckpointError(f"checkpoint {path} holds Python objects other than tensors and plain values (such "
-                                  f"as code to call), so it is refused; it was not written by torchws's trainer "
-                                  f"({_unsupported_global(e)})") from None  # fmt: skip
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
+                                  f"as code to call), so it is refused; it was not written by torchws's trainer (it "
+                                  f"names {named})") from None  # fmt: skip
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated, corrupt or not a checkpoint): "
+                              f"{_unpickling_detail(e)}") from None  # fmt: skip
     except Exception as e:  # torch raises RuntimeError, EOFError, ... for damaged files
-        raise CheckpointError(f"checkpoint {path} is unreadable (truncated or corrupt?): {_first_line(e)}") from None
+        raise CheckpointError(f"checkpoint {path} is unreadable (truncated, corrupt or not a checkpoint): "
+                              f"{_first_line(e)}") from None  # fmt: skip
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a torchws training checkpoint (no format '{FORMAT}')")
     missing = [key for key in REQUIRED_KEYS if key not in ckpt]
@@ -134,9 +137,17 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
-def _unsupported_global(error: BaseException) -> str:
+def _unsupported_global(error: BaseException) -> str | None:
+    """The class or function a weights_only load refused (torch's message says ``GLOBAL module.name``), or None."""
     match = re.search(r"GLOBAL ([\w.]+)", str(error))
-    return f"it names {match.group(1)}" if match else _first_line(error)
+    return match.group(1) if match else None
+
+
+def _unpickling_detail(error: BaseException) -> str:
+    """torch's weights_only message opens with advice about weights_only=False; the cause is further down."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = [line for line in lines if line.startswith(("Unsupported", "WeightsUnpickler"))]
+    return detail[-1] if detail else (lines[0] if lines else type(error).__name__)
 
 
 def model_mismatch(model: nn.Module, ckpt: dict[str, Any], path: str | os.PathLike) -> str | None:
