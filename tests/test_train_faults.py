@@ -309,3 +309,20 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path, keep, older):
         state = load_checkpoint(run / f"checkpoint-step{step:07d}.pt")
         assert state["step"] == step and state["epoch"] == step // 6
     assert load_checkpoint(run / "last.pt")["step"] == 18
+
+
+def test_fallback_takes_the_newest_valid_checkpoint_by_step(tmp_path, capsys):
+    """last.pt damaged, best.pt of step 12 and checkpoint-step0000006.pt both valid: best.pt is the newer one."""
+    accuracies = iter([10.0, 20.0, 30.0])  # every epoch a new best: best.pt is at step 12 after 2 epochs
+    real = engine_module.evaluate
+    engine_module.evaluate = lambda *args, **kwargs: (1.0, next(accuracies))
+    try:
+        run = finished_run(tmp_path)
+        assert load_checkpoint(run / "best.pt")["step"] == 12
+        (run / "last.pt").write_bytes(b"")
+        capsys.readouterr()
+        train(recipe(tmp_path), splits=tiny_splits(), echo=False)
+    finally:
+        engine_module.evaluate = real
+    assert f"resuming from {run / 'best.pt'} (step 12)" in capsys.readouterr().err
+    assert load_checkpoint(run / "last.pt")["step"] == 18
