@@ -206,7 +206,8 @@ def assert_one_line_error(code: int, err: str, pattern: str) -> None:
 
 
 @pytest.mark.parametrize("extra, pattern", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_is_one_line_exit_2_and_loses_nothing(tmp_path, prior, capsys, extra, pattern):
+def test_bad_input_is_one_line_exit_2_and_loses_nothing(tmp_path, prior, capsys, monkeypatch, extra, pattern):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # (set by kernel tests: it runs Triton on the CPU)
     before = snapshot(prior)
     args = [*BASE, "--out-dir", str(tmp_path / "new"), *extra(tmp_path, prior)]
     capsys.readouterr()

@@ -12,7 +12,7 @@ import torch
 
 from torchws.data import TensorSplits
 from torchws.layers import WSConv2d
-from torchws.models import list_models, register_model
+from torchws.models import list_models, register_model, registry
 from torchws.train import CheckpointError, ConfigError, RunDirError, TrainConfig, atomic_save, load_checkpoint, train
 from torchws.train.checkpoint import capture_rng, restore_rng
 from torchws.train.distributed import DistInfo
@@ -31,15 +31,26 @@ def one_thread():
 
 DROPOUT_MODEL = "tiny_ws_dropout_net"  # draws from torch's global RNG every step: resume must restore it
 
-if DROPOUT_MODEL not in list_models():
 
-    @register_model(DROPOUT_MODEL, family="test", norm="gn", ws=True, input_size=(1, 8, 8), num_classes=4)
-    def tiny_ws_dropout_net(*, num_classes: int, in_chans: int = 1) -> torch.nn.Module:
-        """WS conv, GN, dropout, linear: a few hundred parameters, and its training depends on the global RNG."""
-        return torch.nn.Sequential(WSConv2d(in_chans, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(),
-                                   torch.nn.Dropout(0.3), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
-                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                   torch.nn.Linear(8, num_classes))  # fmt: skip
+def tiny_ws_dropout_net(*, num_classes: int, in_chans: int = 1) -> torch.nn.Module:
+    """WS conv, GN, dropout, conv, linear: a few hundred parameters, and its training depends on the global RNG."""
+    return torch.nn.Sequential(WSConv2d(in_chans, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.3), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(8, num_classes))  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered_test_models():
+    """The test-only model is in the registry while a module that uses it runs, and out of it after (other tests
+    check the list of registered names)."""
+    added = DROPOUT_MODEL not in list_models()
+    if added:
+        register_model(DROPOUT_MODEL, family="test", norm="gn", ws=True, input_size=(1, 8, 8),
+                       num_classes=4)(tiny_ws_dropout_net)  # fmt: skip
+    yield
+    if added:
+        registry._REGISTRY.pop(DROPOUT_MODEL)  # no public way to unregister: tests only
 
 
 def tiny_splits(n_train: int = 48, n_test: int = 24, size: int = 8, seed: int = 0) -> TensorSplits:

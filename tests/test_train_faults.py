@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_engine import (  # noqa: F401 (one_thread: the autouse fixture, shared)
+from test_train_engine import (  # noqa: F401 (one_thread, registered_test_models: autouse fixtures)
     DROPOUT_MODEL,
     assert_same_optimizer_state,
     assert_same_params,
     one_thread,
+    registered_test_models,
     tiny_cfg,
     tiny_splits,
 )

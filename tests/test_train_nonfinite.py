@@ -9,18 +9,19 @@ import math
 
 import pytest
 import torch
-from test_train_engine import (  # noqa: F401 (one_thread: the autouse fixture, shared)
+from test_train_engine import (  # noqa: F401 (one_thread, registered_test_models: autouse fixtures)
     DROPOUT_MODEL,
     assert_same_optimizer_state,
     assert_same_params,
     one_thread,
+    registered_test_models,
     run_trainer,
     tiny_cfg,
     tiny_splits,
 )
 
 from torchws.layers import WSConv2d
-from torchws.models import list_models, register_model
+from torchws.models import ModelInfo, registry
 from torchws.presets import PRESETS
 from torchws.train import engine as engine_module
 from torchws.train import load_checkpoint, train
@@ -131,19 +132,19 @@ def test_nonfinite_stop_exits_3_with_one_line(tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------- a zeroed filter under each WS preset
 
 
-def zero_filter_model(preset: str) -> str:
-    """A registered tiny net whose first WS conv has filter 0 set to zero (a constant filter: std 0)."""
+def zero_filter_model(preset: str, monkeypatch) -> str:
+    """A tiny net, registered for one test, whose first WS conv has filter 0 set to zero (a constant filter)."""
     name = f"tiny_zero_filter_{preset}"
-    if name not in list_models():
 
-        def build(*, num_classes: int, in_chans: int = 1) -> torch.nn.Module:
-            conv = WSConv2d(in_chans, 8, 3, padding=1, preset=preset)
-            with torch.no_grad():
-                conv.weight[0].zero_()
-            return torch.nn.Sequential(conv, torch.nn.GroupNorm(2, 8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                                       torch.nn.Flatten(), torch.nn.Linear(8, num_classes))  # fmt: skip
+    def build(*, num_classes: int, in_chans: int = 1) -> torch.nn.Module:
+        conv = WSConv2d(in_chans, 8, 3, padding=1, preset=preset)
+        with torch.no_grad():
+            conv.weight[0].zero_()
+        return torch.nn.Sequential(conv, torch.nn.GroupNorm(2, 8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                   torch.nn.Flatten(), torch.nn.Linear(8, num_classes))  # fmt: skip
 
-        register_model(name, family="test", norm="gn", ws=True, input_size=(1, 8, 8), num_classes=4)(build)
+    info = ModelInfo(name=name, builder=build, family="test", norm="gn", ws=True, input_size=(1, 8, 8), num_classes=4)
+    monkeypatch.setitem(registry._REGISTRY, name, info)  # out of the registry again after the test
     return name
 
 
@@ -158,10 +159,11 @@ def layer_gradient_is_finite(preset: str) -> bool:
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 @pytest.mark.parametrize("policy", ["stop", "skip"])
-def test_zeroed_filter_under_each_preset(tmp_path, preset, policy):
+def test_zeroed_filter_under_each_preset(tmp_path, monkeypatch, preset, policy):
     """Presets marked safe train through a zero filter; any other one either does too or its NaN gradient is caught
     at step 1 and named (0.weight: the zeroed layer). Either way the weights on disk are finite."""
-    cfg = recipe(tmp_path, model=zero_filter_model(preset), nonfinite=policy, max_skipped_steps=2, epochs=1)
+    model = zero_filter_model(preset, monkeypatch)
+    cfg = recipe(tmp_path, model=model, nonfinite=policy, max_skipped_steps=2, epochs=1)
     trainer = Trainer(cfg.validate(), DistInfo(), torch.device("cpu"), tiny_splits(), echo=False)
     expected_finite = PRESETS[preset].safe or layer_gradient_is_finite(preset)
     if expected_finite:
