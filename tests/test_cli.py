@@ -98,7 +98,7 @@ def test_bad_checkpoints_and_existing_run_dir(capsys, tmp_path):
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(before[:1000])
     code, _, err = run_cli(capsys, "train", *TINY, "--out-dir", str(tmp_path / "r2"), "--resume", str(truncated))
-    assert_user_error(code, err, "truncated or corrupt")
+    assert_user_error(code, err, "is unreadable (truncated, corrupt or not a checkpoint)")
     assert last.read_bytes() == before
 
 

@@ -169,7 +169,7 @@ def test_fashion_search_order(isolated_search, monkeypatch):
 def test_fashion_not_found_message(isolated_search):
     write_fashion_dir(isolated_search / "partial", n_train=2, n_test=1)
     (isolated_search / "partial" / "t10k-labels-idx1-ubyte.gz").unlink()
-    with pytest.raises(DatasetNotFoundError) as info:
+    with pytest.raises(DatasetNotFoundError, match="Fashion-MNIST") as info:
         load_fashion_mnist(isolated_search / "partial")
     message = str(info.value)
     assert isinstance(info.value, FileNotFoundError) and "\n" not in message

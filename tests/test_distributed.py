@@ -134,3 +134,59 @@ def test_torchrun_cli(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert (out / "last.pt").is_file() and (out / "summary.json").is_file()
     assert result.stdout.count("training cifar_resnet20_gn_ws") == 1  # only rank 0 prints
+
+
+# torchrun runs this script on every rank: rank 1 of the first attempt SIGKILLs itself after KILL_AT optimizer steps
+KILLED_RANK_SCRIPT = """
+import os, signal, sys
+import torch
+from torchws.cli import main
+from torchws.train import engine
+
+torch.set_num_threads(1)
+real, calls = engine.train_step, [0]
+
+
+def step(*args, **kwargs):
+    real(*args, **kwargs)
+    calls[0] += 1
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    if first_attempt and os.environ["RANK"] == "1" and calls[0] == int(os.environ["KILL_AT"]):
+        open(os.environ["KILL_MARK"], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+engine.train_step = step
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_torchrun_restarts_the_group_after_a_rank_is_killed(tmp_path):
+    """torchrun --max-restarts 1, 2 CPU processes (gloo): rank 1 is SIGKILLed mid-epoch 2; torchrun restarts the group,
+    which resumes from last.pt (--resume auto) and ends with the weights and optimizer state of an uninterrupted run,
+    bit for bit."""
+    from torchws.train import load_checkpoint
+
+    script = tmp_path / "child.py"
+    script.write_text(KILLED_RANK_SCRIPT)
+    args = ["--dataset", "digits", "--model", "cifar_resnet20_gn_ws", "--batch-size", "4", "--max-train-images", "48",
+            "--epochs", "2", "--max-eval-images", "16", "--no-progress", "--no-tensorboard", "--no-plot",
+            "--device", "cpu", "--deterministic", "--resume", "auto", "--lr", "0.4"]  # 6 steps per epoch  # fmt: skip
+    finals = {}
+    for name, kill_at in (("straight", 10**6), ("killed", 9)):
+        out = tmp_path / name
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--max-restarts", "1",
+               "--master-port", str(_free_port()), str(script), *args, "--out-dir", str(out)]  # fmt: skip
+        mark = str(tmp_path / f"{name}.mark")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT": str(kill_at), "KILL_MARK": mark}
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        finals[name] = load_checkpoint(out / "last.pt")
+    assert finals["killed"]["step"] == finals["straight"]["step"] == 12
+    for key, value in finals["straight"]["model"].items():
+        assert torch.equal(value, finals["killed"]["model"][key]), key
+    for key, state in finals["straight"]["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], finals["killed"]["optimizer"]["state"][key]["momentum_buffer"])
+    accuracies = {name: [r["test_acc"] for r in state["history"]] for name, state in finals.items()}
+    assert accuracies["straight"] == accuracies["killed"]
+    assert (tmp_path / "killed.mark").exists() and not (tmp_path / "straight.mark").exists()  # the kill happened

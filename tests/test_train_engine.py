@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from torchws.data import TensorSplits
+from torchws.layers import WSConv2d
+from torchws.models import list_models, register_model, registry
 from torchws.train import CheckpointError, ConfigError, RunDirError, TrainConfig, atomic_save, load_checkpoint, train
 from torchws.train.checkpoint import capture_rng, restore_rng
 from torchws.train.distributed import DistInfo
@@ -25,6 +27,30 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+DROPOUT_MODEL = "tiny_ws_dropout_net"  # draws from torch's global RNG every step: resume must restore it
+
+
+def tiny_ws_dropout_net(*, num_classes: int, in_chans: int = 1) -> torch.nn.Module:
+    """WS conv, GN, dropout, conv, linear: a few hundred parameters, and its training depends on the global RNG."""
+    return torch.nn.Sequential(WSConv2d(in_chans, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.ReLU(),
+                               torch.nn.Dropout(0.3), torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(8, num_classes))  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered_test_models():
+    """The test-only model is in the registry while a module that uses it runs, and out of it after (other tests
+    check the list of registered names)."""
+    added = DROPOUT_MODEL not in list_models()
+    if added:
+        register_model(DROPOUT_MODEL, family="test", norm="gn", ws=True, input_size=(1, 8, 8),
+                       num_classes=4)(tiny_ws_dropout_net)  # fmt: skip
+    yield
+    if added:
+        registry._REGISTRY.pop(DROPOUT_MODEL)  # no public way to unregister: tests only
 
 
 def tiny_splits(n_train: int = 48, n_test: int = 24, size: int = 8, seed: int = 0) -> TensorSplits:
@@ -53,9 +79,25 @@ def run_trainer(cfg: TrainConfig, splits: TensorSplits) -> Trainer:
     return trainer
 
 
-def assert_same_params(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(pa, pb), name
+def assert_same_params(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> None:
+    """Same keys in the same order, and every tensor bit for bit equal."""
+    sa = a if isinstance(a, dict) else a.state_dict()
+    sb = b if isinstance(b, dict) else b.state_dict()
+    assert list(sa) == list(sb), "the two state dicts hold different keys"
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def assert_same_optimizer_state(a: dict, b: dict) -> None:
+    """Two optimizer state dicts: the same params per group, hyperparameters and per-param buffers, bit for bit."""
+    assert a["param_groups"] == b["param_groups"], "the param groups differ"
+    assert sorted(a["state"]) == sorted(b["state"]), "the optimizers hold state for different params"
+    assert len(a["state"]) > 0, "no optimizer state to compare"
+    for key in a["state"]:
+        assert sorted(a["state"][key]) == sorted(b["state"][key]), key
+        for name, value in a["state"][key].items():
+            assert torch.equal(value, b["state"][key][name]) if torch.is_tensor(value) else value == \
+                b["state"][key][name], (key, name)  # fmt: skip
 
 
 def test_end_to_end_writes_run_files_and_learns(tmp_path):
@@ -75,35 +117,49 @@ def test_end_to_end_writes_run_files_and_learns(tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 18
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("model", [DROPOUT_MODEL, "cifar_resnet20_gn_ws"])
+def test_resume_is_bit_exact(tmp_path, model):
     """train 2 epochs == train 1 epoch, resume, train 1 more (step schedule: its shape does not depend on the
-    number of epochs, so the 1-epoch run uses the same lrs as the first half of the 2-epoch run)."""
+    number of epochs, so the 1-epoch run uses the same lrs as the first half of the 2-epoch run). The dropout model
+    draws from torch's global RNG, so the resume must restore it."""
     splits = tiny_splits()
-    recipe = dict(schedule="step", milestones=(1,), gamma=0.5)
+    recipe = dict(schedule="step", milestones=(1,), gamma=0.5, model=model)
     straight = run_trainer(tiny_cfg(tmp_path / "a", epochs=2, **recipe), splits)
     run_trainer(tiny_cfg(tmp_path / "b", epochs=1, **recipe), splits)
     resumed = run_trainer(tiny_cfg(tmp_path / "b", epochs=2, resume="auto", **recipe), splits)
     assert resumed.step == straight.step == 12
     assert_same_params(straight.model, resumed.model)
-    assert_same_params_dict(straight.optimizer.state_dict(), resumed.optimizer.state_dict())
+    assert_same_optimizer_state(straight.optimizer.state_dict(), resumed.optimizer.state_dict())
     # metrics.jsonl of the resumed run reads as one run
     assert [r["epoch"] for r in read_metrics(tmp_path / "b/run/metrics.jsonl", "epoch")] == [1, 2]
 
 
-def test_resume_mid_epoch_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("model", [DROPOUT_MODEL, "cifar_resnet20_gn_ws"])
+def test_resume_mid_epoch_is_bit_exact(tmp_path, model):
     splits = tiny_splits()
-    recipe = dict(epochs=2, augment="crop_flip", schedule="step", milestones=(1,), gamma=0.5)
+    recipe = dict(epochs=2, augment="crop_flip", schedule="step", milestones=(1,), gamma=0.5, model=model)
     straight = run_trainer(tiny_cfg(tmp_path / "a", **recipe), splits)
     first = run_trainer(tiny_cfg(tmp_path / "b", max_steps=8, **recipe), splits)
     assert first.step == 8 and load_checkpoint(tmp_path / "b/run/last.pt")["batch_in_epoch"] == 2
     resumed = run_trainer(tiny_cfg(tmp_path / "b", resume=str(tmp_path / "b/run/last.pt"), **recipe), splits)
     assert resumed.step == 12
     assert_same_params(straight.model, resumed.model)
+    assert_same_optimizer_state(straight.optimizer.state_dict(), resumed.optimizer.state_dict())
 
 
-def assert_same_params_dict(a: dict, b: dict) -> None:
-    for key in a["state"]:
-        assert torch.equal(a["state"][key]["momentum_buffer"], b["state"][key]["momentum_buffer"])
+def test_same_params_helpers_catch_missing_keys_and_differences():
+    a = torch.nn.Linear(2, 2)
+    b = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    with pytest.raises(AssertionError, match="different keys"):
+        assert_same_params(a, b)
+    c = torch.nn.Linear(2, 2)
+    with pytest.raises(AssertionError, match="weight"):
+        assert_same_params(a, c)
+    state = {"param_groups": [{"params": [0]}], "state": {0: {"momentum_buffer": torch.zeros(2)}}}
+    with pytest.raises(AssertionError, match="momentum_buffer"):
+        assert_same_optimizer_state(state, {**state, "state": {0: {"momentum_buffer": torch.ones(2)}}})
+    with pytest.raises(AssertionError, match="state for different params"):
+        assert_same_optimizer_state(state, {**state, "state": {}})
 
 
 @pytest.mark.parametrize("model, once", [("cifar_resnet20_gn_ws", True), ("cifar_resnet20_gn_ws", False),

@@ -107,15 +107,15 @@ def test_unusable_resume_checkpoint_leaves_the_out_dir_untouched(tmp_path):
     last = run / "last.pt"
     last.write_bytes(last.read_bytes()[:5000])
     before = snapshot(run)
-    with pytest.raises(CheckpointError, match=rf"checkpoint {last} is unreadable"):
-        train(tiny_cfg(tmp_path, epochs=2, resume="auto"), splits=splits, echo=False)
+    with pytest.raises(CheckpointError, match=rf"checkpoint {last} is unreadable"):  # named: no fallback
+        train(tiny_cfg(tmp_path / "w", epochs=2, resume=str(last)), splits=splits, echo=False)
     with pytest.raises(CheckpointError, match="is not a file"):
         train(tiny_cfg(tmp_path / "x", epochs=2, resume=str(run)), splits=splits, echo=False)
     torch.save({"format": "torchws-train-1", "model": {}}, tmp_path / "partial.pt")  # ours, but keys missing
     with pytest.raises(CheckpointError, match=r"partial\.pt .*optimizer"):
         train(tiny_cfg(tmp_path / "y", epochs=2, resume=str(tmp_path / "partial.pt")), splits=splits, echo=False)
     assert snapshot(run) == before
-    assert not (tmp_path / "x/run").exists() and not (tmp_path / "y/run").exists()
+    assert not any((tmp_path / name / "run").exists() for name in ("w", "x", "y"))
 
 
 # ---------------------------------------------------------------- metrics.jsonl
@@ -187,6 +187,9 @@ def test_a_write_that_fails_half_way_keeps_config_and_metrics(tmp_path):
 class Killed(BaseException):
     """Stands for a kill: nothing after it runs."""
 
+    def __str__(self) -> str:
+        return "killed"
+
 
 def test_best_pt_never_lags_the_best_accuracy_in_last_pt(tmp_path, monkeypatch):
     """last.pt used to be written before best.pt: a kill between the two left a last.pt whose best_acc had no
@@ -205,7 +208,7 @@ def test_best_pt_never_lags_the_best_accuracy_in_last_pt(tmp_path, monkeypatch):
 
     monkeypatch.setattr(engine_module.ckpt, "atomic_save", save)
     splits = tiny_splits()
-    with pytest.raises(Killed):
+    with pytest.raises(Killed, match="killed"):
         train(tiny_cfg(tmp_path, epochs=3), splits=splits, echo=False)
     run = tmp_path / "run"
     assert load_checkpoint(run / "best.pt")["best_acc"] >= load_checkpoint(run / "last.pt")["best_acc"]

@@ -186,7 +186,7 @@ def test_sigterm_in_process_raises_run_terminated_and_restores_handlers(tmp_path
                 os.kill(os.getpid(), signal.SIGTERM)
 
         monkeypatch.setattr(engine_module, "train_step", step)
-        with pytest.raises(RunTerminated) as stopped:
+        with pytest.raises(RunTerminated, match="^143$") as stopped:
             train(tiny_cfg(tmp_path), splits=tiny_splits(), echo=False)
         assert stopped.value.code == 143 and isinstance(stopped.value, SystemExit)
         assert stopped.value.checkpoint == tmp_path / "run/last.pt"
@@ -237,7 +237,7 @@ def test_a_second_ctrl_c_interrupts_at_once():
         assert stop.poll() == signal.SIGINT
         os.kill(os.getpid(), signal.SIGTERM)  # torchrun forwards one after a Ctrl-C: still the first request
         assert stop.poll() == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt) as raised:
+        with pytest.raises(KeyboardInterrupt, match="^$") as raised:
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)  # the handler runs before this returns
         assert not isinstance(raised.value, RunInterrupted)
@@ -349,3 +349,55 @@ def test_sigterm_to_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path, dat
     assert [code for code, _, _ in results] == [143, 143], results[1][2][-3000:] + results[0][2][-3000:]
     assert load_checkpoint(tmp_path / "run/last.pt")["step"] == 2
     assert "SIGTERM: stopped after step 2 of 6" in results[0][2] and "stopped" not in results[1][2]
+
+
+# ---------------------------------------------------------------- a stuck DataLoader worker
+
+STUCK_CHILD = """
+import sys, time
+import torch
+from torch.utils.data import get_worker_info
+from torchws.cli import main
+from torchws.data import ImageFolderDataset
+
+torch.set_num_threads(1)
+real = ImageFolderDataset.__getitem__
+
+
+def getitem(self, index):
+    if get_worker_info() is not None and self.split_dir.name == "train" and index == STUCK_INDEX:
+        time.sleep(3600)  # a read that never returns (a hung file system); SIGTERM is ignored in the workers
+    return real(self, index)
+
+
+ImageFolderDataset.__getitem__ = getitem
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_stuck_dataloader_worker_cannot_hang_the_exit(tmp_path):
+    """max_steps ends the run while a worker is stuck preparing a batch nobody will take: the run writes its files
+    and exits within the bounded shutdown (it used to wait for the worker forever at interpreter exit)."""
+    from torch.utils.data import RandomSampler
+
+    write_png_folder(tmp_path / "data")  # 12 train images, 6 steps of 2 per epoch
+    order = list(RandomSampler(range(12), generator=torch.Generator().manual_seed(0)))
+    script = tmp_path / "child.py"
+    script.write_text(STUCK_CHILD.replace("STUCK_INDEX", str(order[4])))  # batch 3: prefetched, never taken
+    cfg = tiny_cfg(tmp_path, dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=8, batch_size=2,
+                   workers=1, epochs=1, max_steps=2)  # fmt: skip
+    save_config(cfg, tmp_path / "recipe.yaml")
+    started = time.monotonic()
+    child = subprocess.Popen([sys.executable, str(script), "--config", str(tmp_path / "recipe.yaml")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        _, err = child.communicate(timeout=TIMEOUT)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)  # the stuck worker too: it holds the pipes open
+        raise AssertionError(f"the run did not exit: {child.communicate()[1][-3000:]}") from None
+    finally:
+        if _group_alive(child.pid):
+            os.killpg(child.pid, signal.SIGKILL)
+    assert child.returncode == 0, err[-3000:]
+    assert time.monotonic() - started < TIMEOUT and (tmp_path / "run/summary.json").is_file()

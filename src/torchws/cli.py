@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+EXIT_NONFINITE = 3
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -56,11 +58,18 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line of stderr (exit code 2), like every other user error of the CLI."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``torchws`` with one subparser per verb."""
     from torchws.train import add_config_flags
 
-    parser = argparse.ArgumentParser(prog="torchws", description="Weight Standardization for PyTorch.")
+    parser = _Parser(prog="torchws", description="Weight Standardization for PyTorch.")
     verbs = parser.add_subparsers(dest="verb", metavar="{train,demo,models,datasets}", required=True)
     train = verbs.add_parser("train", help="train a model (single process or under torchrun)")
     add_config_flags(train)
@@ -94,10 +103,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchws`` console script; returns the exit code."""
+    from torchws.train.errors import NonFiniteError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except NonFiniteError as e:  # the run diverged; last.pt holds the weights before (docs/reliability.md)
+        print(f"torchws: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_NONFINITE
     except _user_errors() as e:
         message = " ".join(str(e).split())  # one line, whatever the library put in it
         print(f"torchws: error: {message}", file=sys.stderr)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_write", "atomic_write_text", "is_temp_file", "remove_stale_temp_files"]
+__all__ = ["atomic_link", "atomic_write", "atomic_write_text", "is_temp_file", "remove_stale_temp_files"]
 
 # the temp names atomic_write makes: ".<target name>.<pid>.<8 hex digits>.tmp" (hidden, never a run file's name)
 _TEMP_NAME = re.compile(r"\..+\.\d+\.[0-9a-f]{8}\.tmp")
@@ -55,6 +56,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) ->
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` (UTF-8) to ``path`` through ``atomic_write``."""
     atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def atomic_link(source: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Give the file ``source`` a second name ``path`` (replacing ``path`` atomically); where the file system has no
+    hard links, ``path`` gets an atomically written copy."""
+    source, path = Path(source), Path(path)
+    if path.exists() and os.path.samefile(source, path):
+        return  # already done (a run killed right after it); rename(2) onto the same file would leave tmp behind
+    tmp = _temp_path(path)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        with open(source, "rb") as f:
+            atomic_write(path, lambda out: shutil.copyfileobj(f, out))
+        return
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import types
 import typing
@@ -25,6 +26,7 @@ __all__ = ["TrainConfig", "add_config_flags", "config_from_args", "load_yaml", "
 SCHEDULES = ("step", "cosine", "constant")
 AUGMENTS = ("auto", "crop_flip", "none")
 DEVICES = ("auto", "cpu", "cuda")
+NONFINITE = ("stop", "skip")
 WS_BACKENDS = ("auto", "torch", "numba", "cuda_graph", "off")
 
 
@@ -73,6 +75,8 @@ class TrainConfig:
                          "multi-tensor kernels), cuda_graph (replayed CUDA graphs), off (each layer on its own)",
                          choices=WS_BACKENDS)
     device: str = _f("auto", "auto: cuda when available (the local rank's GPU), else cpu", choices=DEVICES)
+    threads: int = _f(0, "torch CPU threads per process (0: torch's default, all cores; on a shared or small "
+                      "machine, and with several processes per machine, set it to cores / processes)")
     seed: int = _f(0, "seed for model init, data order and augmentation")
     deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume; slower on GPU)")
     # output
@@ -80,15 +84,24 @@ class TrainConfig:
     resume: str | None = _f(None, "checkpoint to continue from, or 'auto' for out_dir/last.pt if it exists")
     overwrite: bool = _f(False, "allow starting a fresh run in a dir that already holds checkpoints")
     save_checkpoints: bool = _f(True, "write last.pt each epoch and best.pt on a new best test accuracy")
+    keep_checkpoints: int = _f(2, "checkpoints kept: last.pt and N-1 older ones (checkpoint-step<N>.pt), which "
+                               "--resume auto falls back to when last.pt is damaged")
+    nonfinite: str = _f("stop", "a NaN/Inf loss or gradient (never applied to the weights): stop (write last.pt of "
+                        "the step before, name the step and the first parameter hit) or skip the step and count it",
+                        choices=NONFINITE)
+    max_skipped_steps: int = _f(5, "with --nonfinite skip: stop after this many skipped steps in a row")
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
     log_every: int = _f(50, "write a train-step record to metrics.jsonl every N optimizer steps")
-    progress: bool = _f(True, "tqdm progress bar (rank 0)")
+    progress: bool = _f(True, "progress of each epoch (rank 0): a tqdm bar on a terminal, else a plain line every "
+                        "--log-every steps or --progress-seconds")
+    progress_seconds: float = _f(60.0, "when stderr is not a terminal: a progress line at least this often")
     tensorboard: bool = _f(True, "also log to TensorBoard when torch.utils.tensorboard is importable")
     plot: bool = _f(True, "write curves.png (needs matplotlib)")
 
     def validate(self) -> TrainConfig:
         """Check value ranges and choices; raises ConfigError naming the flag. Returns self."""
-        positive = ("batch_size", "accum_steps", "epochs", "base_batch", "eval_every", "log_every")
+        positive = ("batch_size", "accum_steps", "epochs", "base_batch", "eval_every", "log_every", "keep_checkpoints",
+                    "max_skipped_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -101,9 +114,12 @@ class TrainConfig:
             if choices and getattr(self, f.name) not in choices:
                 value = getattr(self, f.name)
                 raise ConfigError(f"--{_flag(f.name)} must be one of {', '.join(choices)}, got {value!r}")
-        if self.lr <= 0 or self.warmup_epochs < 0 or self.workers < 0:
-            raise ConfigError(f"need --lr > 0, --warmup-epochs >= 0, --workers >= 0; got {self.lr}, "
-                              f"{self.warmup_epochs}, {self.workers}")  # fmt: skip
+        for name, low, allowed in (("lr", 0.0, False), ("warmup_epochs", 0.0, True), ("workers", 0, True),
+                                   ("threads", 0, True), ("progress_seconds", 0.0, False), ("momentum", 0.0, True),
+                                   ("weight_decay", 0.0, True), ("gamma", 0.0, False)):  # fmt: skip
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < low or (value == low and not allowed):
+                raise ConfigError(f"--{_flag(name)} must be {'>=' if allowed else '>'} {low}, got {value}")
         if list(self.milestones) != sorted(self.milestones):
             raise ConfigError(f"--milestones must be increasing, got {list(self.milestones)}")
         return self
@@ -218,7 +234,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(TrainConfig):
         tp, optional = _unwrap_optional(hints[f.name])
         kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "dest": f.name}
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default})"
+        help_text = f.metadata.get("help", "")
+        if "(default:" not in help_text:  # a help that explains its default already says it in words
+            help_text += f" (default: {f.default})"
         if tp is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) is tuple:

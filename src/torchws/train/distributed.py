@@ -61,7 +61,13 @@ def init_distributed(device_preference: str = "auto") -> tuple[DistInfo, torch.d
     if owns:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        # each attempt of a group that torchrun restarts (--max-restarts) gets keys of its own in the store: gloo
+        # otherwise read the killed attempt's addresses and failed to connect ("connectFullMesh ... refused")
+        store, _, _ = next(dist.rendezvous("env://", rank, world_size))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"torchws_attempt_{attempt}/", store), rank=rank,
+                                world_size=world_size)  # fmt: skip
     return DistInfo(rank, world_size, local_rank, enabled=True, owns_group=owns), device
 
 

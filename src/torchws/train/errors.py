@@ -17,3 +17,8 @@ class CheckpointError(TrainError):
 
 class RunDirError(TrainError):
     """The output dir already holds checkpoints and the run would overwrite them (pass --resume or --overwrite)."""
+
+
+class NonFiniteError(TrainError):
+    """A NaN or Inf loss or gradient stopped the run (``--nonfinite``); last.pt holds the weights of the step
+    before. The message names the step and the first parameter whose gradient was not finite."""

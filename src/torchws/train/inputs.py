@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import difflib
 import itertools
+import multiprocessing
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -30,6 +32,7 @@ __all__ = ["Inputs", "build_inputs", "build_model", "check_image_size", "min_ima
 
 EVAL_BATCH = 256
 SUBSET_SEED = 0  # the --max-train-images subset is the same for every run and seed
+WORKER_SHUTDOWN_S = 3.0  # how long a run's end waits for DataLoader workers before killing them
 
 
 @dataclass
@@ -80,6 +83,7 @@ class _FolderTrainLoader:
                                  generator=torch.Generator().manual_seed(cfg.seed),
                                  worker_init_fn=ignore_stop_signals)  # fmt: skip
         self.seed = cfg.seed
+        self._workers: list[multiprocessing.process.BaseProcess] = []
 
     def set_epoch(self, epoch: int) -> None:
         self.dataset.set_epoch(epoch)
@@ -96,7 +100,24 @@ class _FolderTrainLoader:
         return len(self.loader)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        return iter(self.loader)
+        before = set(multiprocessing.active_children())
+        iterator = iter(self.loader)
+        self._workers = [p for p in multiprocessing.active_children() if p not in before]  # this iteration's workers
+        return iterator
+
+    def shutdown_workers(self, timeout: float = WORKER_SHUTDOWN_S) -> None:
+        """End the last iteration's worker processes within about ``timeout`` seconds (call it once the iterator is
+        gone). The workers ignore SIGTERM (``ignore_stop_signals``), which is what PyTorch's own shutdown and
+        multiprocessing's exit handler send: a worker stuck in a read (a hung file system) outlived the iterator, and
+        the exit handler then waited for it without a timeout, so the trainer never exited. Stragglers get SIGKILL."""
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        for worker in self._workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(1.0)
+        self._workers = []
 
 
 def min_image_size(model_name: str) -> int:

@@ -1,5 +1,5 @@
-"""One optimizer step over ``accum_steps`` micro-batches, spelled out: forward, loss / accum_steps, backward,
-with DDP's gradient all-reduce only on the last micro-batch (``no_sync`` on the others).
+"""One optimizer step over ``accum_steps`` micro-batches, spelled out: forward, loss / accum_steps, backward, with
+DDP's gradient all-reduce only on the last micro-batch (``no_sync`` on the others); and the evaluation pass.
 
 With ``ws_accumulate_once`` and a model that has WS layers, the micro-batches run inside
 :func:`torchws.fast.ws_accumulation` (``steps=accum_steps``): every WS weight is standardized once for the
@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from torchws.fast import ws_accumulation
 from torchws.layers import WSMixin
 
-from .distributed import DistInfo
+from .distributed import DistInfo, all_reduce_sum
 
-__all__ = ["StepStats", "train_step"]
+__all__ = ["StepStats", "evaluate", "train_step"]
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,6 +40,12 @@ class StepStats:
         self.loss_sum += float(loss.detach()) * n
         self.correct += int((logits.detach().argmax(1) == labels).sum())
         self.images += n
+
+    def merge(self, other: StepStats) -> None:
+        """Add ``other``'s sums (a step's, once it is applied)."""
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.images += other.images
 
 
 def _prepare(batch: Batch, device: torch.device, channels_last: bool) -> Batch:
@@ -76,3 +84,27 @@ def train_step(
                 loss = nn.functional.cross_entropy(logits.float(), labels)
                 (loss / n).backward()
             stats.add(logits, labels, loss)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Any, device: torch.device, info: DistInfo, channels_last: bool = False,
+             bf16: bool = False) -> tuple[float, float]:  # fmt: skip
+    """(mean cross-entropy, top-1 accuracy in %) over all ranks' shards of the test set."""
+    if info.enabled:  # BN running stats drift per rank in training: evaluate rank 0's (the saved) model everywhere
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, count = 0.0, 0, 0
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        correct += int((logits.argmax(1) == labels).sum())
+        count += labels.shape[0]
+    model.train(was_training)
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], info, device)
+    return loss_sum / max(count, 1), 100.0 * correct / max(count, 1)
