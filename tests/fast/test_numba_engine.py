@@ -14,7 +14,7 @@ from torch import nn
 
 from torchws.fast import enable_batched_ws, find_handle
 from torchws.fast.engines.numba import multi_standardize, numba_status
-from torchws.functional import standardize_rows, weight_to_rows
+from torchws.functional import standardize_rows
 from torchws.layers.ws import WSConv1d, WSConv2d, WSConv3d, WSLinear
 from torchws.presets import PRESETS
 
