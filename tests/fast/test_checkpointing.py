@@ -81,7 +81,8 @@ def test_the_private_torch_functions_checkpoint_recomputing_reads():
     seen = []
 
     def region(t):
-        seen.append((torch.is_grad_enabled(), weight_cache.checkpoint_recomputing(), torch._C._current_graph_task_id()))
+        seen.append((weight_cache.checkpoint_phase(), weight_cache.checkpoint_recomputing(),
+                     torch._C._current_graph_task_id()))  # fmt: skip
         return t.sin()
 
     x = torch.randn(3, requires_grad=True)
@@ -90,11 +91,12 @@ def test_the_private_torch_functions_checkpoint_recomputing_reads():
     assert not weight_cache.checkpoint_recomputing()
     y.sum().backward()
     # the region's first forward (not recomputing), then its recomputation inside the backward
-    assert [s[1] for s in seen] == [False, True] and seen[0][2] == -1 and seen[1][2] != -1
+    assert [s[:2] for s in seen] == [("forward", False), ("recompute", True)]
+    assert seen[0][2] == -1 and seen[1][2] != -1
     # reentrant: the recomputation runs a forward of its own under no saved-tensor hooks of checkpoint's
     seen.clear()
     checkpoint(region, x, use_reentrant=True).sum().backward()
-    assert [s[1] for s in seen] == [False, False]
+    assert [s[:2] for s in seen] == [("", False), ("", False)]
     # a backward pass without checkpointing is not a recomputation
     z = torch.randn(3, requires_grad=True)
     z.register_hook(lambda g: seen.append(weight_cache.checkpoint_recomputing()) or g)

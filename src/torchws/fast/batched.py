@@ -102,7 +102,7 @@ class BatchedWS:
         """Rescan the model for WS layers, regroup them and select the engine again (after model surgery)."""
         plan = Plan(self.model)
         self.plan, self.engine = plan, select_engine(self.backend, plan)  # (select_engine raises: nothing changes)
-        weight_cache.forget(self)
+        weight_cache.keep(self, {}, plan.sources)  # nothing kept yet, but these layers are the pass's
 
     @property
     def layers(self) -> tuple[WSMixin, ...]:
