@@ -15,7 +15,7 @@ from torchws.analysis import (
     loss_landscape_along_gradient,
     track_standardized_grads,
 )
-from torchws.layers import WSConv2d, WSConvTranspose2d, WSLinear
+from torchws.layers import WSConv2d, WSConvTranspose2d, WSLinear, weight_cache
 
 
 class Quadratic(nn.Module):
@@ -173,7 +173,7 @@ def test_identity_with_gain_accumulation_and_default_eps() -> None:
     for layer in layers:
         check = gradient_norm_identity(layer)
         assert check.max_relative_error() < 1e-2  # eps 1e-5 vs var ~ 1/fan_in: off by O(eps/var) only
-    assert model[0]._ws_supplied is None  # tracking did not leave a supplied weight behind
+    assert weight_cache.lookup(model[0]) is None  # tracking did not leave a cached weight behind
 
 
 def test_identity_on_transposed_groups() -> None:

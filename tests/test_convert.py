@@ -339,12 +339,12 @@ def test_folded_model_exports_and_scripts():
 
 
 def test_convert_keeps_an_existing_batched_pass_configuration():
-    from torchws.batched import enable_batched_ws, find_handle
+    from torchws.fast import enable_batched_ws, find_handle
 
     net = nn.Sequential(WSConv2d(3, 4, 3), nn.Conv2d(4, 4, 3))
-    enable_batched_ws(net, backend="cuda_graph", concat=True)
+    enable_batched_ws(net, backend="torch")
     out = convert(net, inplace=True)
     handle = find_handle(out)
-    assert (handle.backend, handle.concat) == ("cuda_graph", True)  # not reset to the defaults
+    assert handle.backend == "torch"  # not reset to the default
     assert len(handle.layers) == 2  # the new WS layer is in the plan
     assert find_handle(convert(out, batched_ws=False)) is None  # False: the returned model has no pass

@@ -179,17 +179,19 @@ def test_gain_scales_output_channels() -> None:
     torch.testing.assert_close(m(x), base * torch.tensor([1.0, 2.0, 0.0, -1.0]).view(1, 4, 1, 1))
 
 
-def test_supplied_weight_is_used_until_cleared() -> None:
+def test_cached_weight_is_used_inside_the_block_only() -> None:
+    from torchws.layers import weight_cache
+
     m = WSConv2d(3, 4, 3)
     x = torch.randn(1, 3, 5, 5)
     computed = m(x)
-    supplied = torch.zeros_like(m.weight)
-    m.set_standardized_weight(supplied)
-    assert m.standardized_weight() is supplied and m(x).abs().max() == m.bias.abs().max()
-    m.set_standardized_weight(None)
+    supplied, inner = torch.zeros_like(m.weight), torch.ones_like(m.weight)
+    with weight_cache.cached({m: supplied}):
+        assert m.standardized_weight() is supplied and m(x).abs().max() == m.bias.abs().max()
+        with weight_cache.cached({m: inner}):  # caches nest; the innermost wins
+            assert m.standardized_weight() is inner
+        assert m.standardized_weight() is supplied
     torch.testing.assert_close(m(x), computed)
-    with pytest.raises(ValueError, match=r"set_standardized_weight: shape \(4, 3\) does not match"):
-        m.set_standardized_weight(torch.zeros(4, 3))
 
 
 def test_rows_round_trip_on_layers() -> None:

@@ -50,6 +50,35 @@ def pass_applies() -> bool:
     )
 
 
+class _ForwardWeights(dict):
+    """One forward's standardized weights (layer -> tensor), served to a layer only while they are still its own:
+    computed from the parameters the layer holds now, at their current versions, and with a graph when grad mode
+    asks for one. A forward interrupted by a BaseException (KeyboardInterrupt: torch runs ``always_call`` hooks for
+    Exception only) leaves them active, and a no-grad forward may enable grad inside."""
+
+    def __init__(self, weights: dict) -> None:
+        super().__init__(weights)
+        self.grad = torch.is_grad_enabled()
+        self.sources = {m: (m._parameters["weight"], _versions(m)) for m in weights}
+
+    def get(self, layer, default=None):  # what weight_cache.lookup calls
+        w = dict.get(self, layer)
+        if w is None:
+            return default
+        source, versions = self.sources[layer]
+        if layer._parameters["weight"] is not source or _versions(layer) != versions:
+            return default
+        if not self.grad and torch.is_grad_enabled():  # computed without a graph: the layer computes its own
+            return default
+        return w
+
+
+def _versions(layer: WSMixin) -> tuple[int, int, int]:
+    p = layer._parameters
+    w, g, s = p["weight"], p["gain"], p["shift"]
+    return (w._version, -1 if g is None else g._version, -1 if s is None else s._version)
+
+
 class BatchedWS:
     """Handle of a model's WS pass (returned by :func:`enable_batched_ws`).
 
@@ -71,9 +100,9 @@ class BatchedWS:
 
     def refresh(self) -> None:
         """Rescan the model for WS layers, regroup them and select the engine again (after model surgery)."""
-        self.plan = Plan(self.model)
-        self.engine = select_engine(self.backend, self.plan)
-        weight_cache.forget(self)
+        plan = Plan(self.model)
+        self.plan, self.engine = plan, select_engine(self.backend, plan)  # (select_engine raises: nothing changes)
+        weight_cache.keep(self, {}, plan.sources)  # nothing kept yet, but these layers are the pass's
 
     @property
     def layers(self) -> tuple[WSMixin, ...]:
@@ -98,7 +127,11 @@ class BatchedWS:
             self._paused -= 1
 
     def _pre_hook(self, module: nn.Module, args: tuple) -> None:
-        weights = None if self._paused or not pass_applies() else self.standardize()
+        for left in self._open:  # forwards interrupted by a BaseException (their post-hooks never ran)
+            if left is not None:
+                weight_cache.deactivate(left)
+        self._open = []
+        weights = None if self._paused or not pass_applies() else _ForwardWeights(self.standardize())
         self._open.append(weights)  # one entry per forward in progress, popped by its post-hook
         if weights is not None:
             weight_cache.activate(weights)
@@ -158,8 +191,12 @@ def enable_batched_ws(model: nn.Module, *, backend: str = "auto") -> BatchedWS:
         raise ValueError(f"enable_batched_ws: backend must be one of {ENGINES}, got {backend!r}")
     handle = find_handle(model)
     if handle is not None:
-        handle.backend = backend
-        handle.refresh()
+        handle.backend, previous = backend, handle.backend
+        try:
+            handle.refresh()
+        except BaseException:  # the engine asked for cannot run: the pass keeps the one it had
+            handle.backend = previous
+            raise
         return handle
     return BatchedWS(model, backend)
 

@@ -28,11 +28,13 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-__all__ = ["activate", "deactivate", "cached", "keep", "forget", "lookup", "checkpoint_recomputing"]
+__all__ = ["activate", "deactivate", "cached", "keep", "forget", "lookup", "checkpoint_phase", "checkpoint_recomputing"]
 
 _active: list[Mapping[nn.Module, Tensor]] = []  # innermost last
 # owner -> (its last grad-enabled forward's weights, the weight tensor each was computed from)
 _kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# layer -> (its weight computed in a checkpointed region's first forward, the weight tensor it was computed from)
+_computed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def activate(weights: Mapping[nn.Module, Tensor]) -> None:
@@ -77,21 +79,53 @@ def lookup(layer: nn.Module) -> Tensor | None:
         w = weights.get(layer)
         if w is not None:
             return w
-    if not _kept or not checkpoint_recomputing():
+    if not _kept:
         return None
+    phase = checkpoint_phase()
+    if not phase:
+        return None
+    source = layer._parameters.get("weight")
+    if phase == "forward":
+        return _computed_outside_checkpoint(layer, source)
+    computed = _computed.get(layer)
+    if computed is not None and computed[1] is source:
+        return computed[0]
     for weights, sources in list(_kept.values()):
         w = weights.get(layer)
-        if w is not None and sources.get(layer) is layer._parameters.get("weight"):
+        if w is not None and sources.get(layer) is source:
             return w
     return None
 
 
-def checkpoint_recomputing() -> bool:
-    """Whether non-reentrant activation checkpointing is recomputing a region now (inside a backward pass, under
-    the saved-tensor hooks of ``torch.utils.checkpoint``). Private torch functions: a test pins them."""
+def _computed_outside_checkpoint(layer: nn.Module, source: Tensor | None) -> Tensor | None:
+    """In a checkpointed region's first forward, for a layer a pass computes elsewhere (an owner's ``sources`` list
+    it): its weight computed now, saved normally rather than by checkpoint, and kept. Its recomputation then saves
+    the same tensors (the layer op's) whether it takes this weight or a pass's kept one (equal values), whichever of
+    the two forwards ran last (else CheckpointError)."""
+    if not torch.is_grad_enabled() or not any(sources.get(layer) is source for _, sources in list(_kept.values())):
+        return None
+    with torch.autograd.graph.saved_tensors_hooks(Tensor.detach, _unpack):  # (detach: no reference cycle)
+        w = layer.compute_standardized_weight()  # type: ignore[operator]
+    _computed[layer] = (w, source)
+    return w
+
+
+def _unpack(t: Tensor) -> Tensor:
+    return t
+
+
+def checkpoint_phase() -> str:
+    """Under the saved-tensor hooks of non-reentrant ``torch.utils.checkpoint``: "forward" outside a backward pass
+    (a checkpointed region's first forward), "recompute" inside one (its recomputation); else "". Other saved-tensor
+    hooks (save_on_cpu around a backward) do not count. Private torch functions: a test pins them."""
     if torch.compiler.is_compiling():
-        return False
+        return ""
     hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)  # (pack, unpack) innermost, or None
     if hooks is None or getattr(hooks[0], "__module__", None) != "torch.utils.checkpoint":
-        return False
-    return torch._C._current_graph_task_id() != -1  # -1: not inside a backward pass
+        return ""
+    return "forward" if torch._C._current_graph_task_id() == -1 else "recompute"  # -1: not inside a backward
+
+
+def checkpoint_recomputing() -> bool:
+    """Whether non-reentrant activation checkpointing is recomputing a region now (see :func:`checkpoint_phase`)."""
+    return checkpoint_phase() == "recompute"

@@ -163,6 +163,8 @@ def multi_standardize(weights: list[Tensor], *, preset, eps: float | None = None
     from torchws.presets import get_preset
 
     p = get_preset(preset)
+    if not weights:
+        return []
     for i, w in enumerate(weights):
         if not (w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64) and dense_rows(w)
                 and w.dtype == weights[0].dtype and w.dim() >= 2 and w[0].numel() >= 2):  # fmt: skip
