@@ -159,6 +159,9 @@ def test_gradient_identity_on_a_layer_matches_independent_autograd() -> None:
     torch.testing.assert_close(check.rhs, want_rhs)
     assert check.max_relative_error() < 1e-7
     assert bool(((check.kept_fraction > 0) & (check.kept_fraction <= 1)).all())
+    torch.testing.assert_close(check.w_hat_grad_sq, (g * g).sum(1))
+    want_ratio = grad_w.norm() / grad_w_hat.norm()  # ||dL/dW|| / ||dL/dW_hat|| over the layer
+    assert check.grad_norm_ratio() == pytest.approx(float(want_ratio), rel=1e-9)
 
 
 def test_identity_with_gain_accumulation_and_default_eps() -> None:

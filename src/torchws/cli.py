@@ -8,8 +8,10 @@ one line ``torchws: error: ...`` on stderr and exit with code 2, like argparse's
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -40,8 +42,52 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     spec = resolve_grid(name, **{f: getattr(args, f) for f in fields})
     out = args.out_dir or f"runs/sweep/{spec.name}"
     results = args.results or f"{out}/results.jsonl"
-    run_sweep(spec, results, f"{out}/runs", jobs=args.jobs, threads=args.threads)
+    command = "torchws " + " ".join(shlex.quote(a) for a in args.argv)
+    run_sweep(spec, results, f"{out}/runs", jobs=args.jobs, threads=args.threads, command=command)
     return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from torchws.experiments.report import write_report
+
+    smoothness = args.smoothness if args.smoothness != "none" else None
+    result = write_report(args.results, args.out, args.figures, smoothness=smoothness, title=args.title)
+    verdicts = ", ".join(f"({k}) {v}" for k, v in result["verdicts"].items())
+    print(f"wrote {args.out} ({'complete' if result['complete'] else 'partial'}): {verdicts}")
+    return 0
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    import json
+
+    from torchws.experiments.analyze import analyze_checkpoint, format_analysis
+
+    result = analyze_checkpoint(args.checkpoint, data_dir=args.data_dir, batch=args.batch,
+                                micro_batch=args.micro_batch, steps=args.steps)  # fmt: skip
+    print(format_analysis(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _add_report_parsers(verbs: argparse._SubParsersAction) -> None:
+    report = verbs.add_parser("report", help="Markdown report, figures and verdicts from a sweep's results file")
+    report.add_argument("results", help="results file written by `torchws sweep` (JSON lines)")
+    report.add_argument("--out", default="docs/results.md", help="Markdown file to write")
+    report.add_argument("--figures", default="docs/figures", help="folder for the figures")
+    report.add_argument("--smoothness", default="docs/figures/smoothness.json", help="probe data of "
+                        "scripts/smoothness.py for claim (vi); 'none' to leave the claim out")  # fmt: skip
+    report.add_argument("--title", default=None)
+    report.set_defaults(func=_cmd_report)
+    analyze = verbs.add_parser("analyze", help="gradient identity, kept fraction and loss-landscape probes of a "
+                               "checkpoint written by `torchws train`")  # fmt: skip
+    analyze.add_argument("checkpoint", help="last.pt or best.pt of a run")
+    analyze.add_argument("--data-dir", default=None, help="where the run's dataset lives now (default: as saved)")
+    analyze.add_argument("--batch", type=int, default=64, help="training images to measure on (default 64)")
+    analyze.add_argument("--micro-batch", type=int, default=None, help="images per forward (default: the run's)")
+    analyze.add_argument("--steps", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.4], help="probe step sizes")
+    analyze.add_argument("--json", default=None, help="also write the measurements to this JSON file")
+    analyze.set_defaults(func=_cmd_analyze)
 
 
 def _add_sweep_parser(verbs: argparse._SubParsersAction) -> None:
@@ -115,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
     _add_sweep_parser(verbs)
+    _add_report_parsers(verbs)
     models = verbs.add_parser("models", help="list registered models")
     models.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. '*_gn_ws'")
     models.set_defaults(func=_cmd_models)
@@ -138,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``torchws`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except _user_errors() as e:

@@ -37,7 +37,7 @@ def dataset_shape(spec: GridSpec) -> tuple[int, int, int, int | None]:
     return channels, side, splits.num_classes, int(splits.train_images.shape[0])
 
 
-def _check_model(model_name: str, channels: int, side: int, classes: int, dataset: str) -> None:
+def _check_model(model_name: str, channels: int, side: int, classes: int, dataset: str) -> int:
     if model_name not in tmodels.list_models():
         raise ExperimentError(f"--arch/--setups: no registered model {model_name!r} (`torchws models` lists them)")
     check_image_size(model_name, side, dataset)
@@ -52,15 +52,17 @@ def _check_model(model_name: str, channels: int, side: int, classes: int, datase
     if tuple(logits.shape) != (1, classes):
         raise ExperimentError(f"--arch {model_name} gives outputs of shape {tuple(logits.shape)} on --dataset "
                               f"{dataset}, expected (1, {classes})")  # fmt: skip
+    return sum(p.numel() for p in model.parameters())
 
 
-def check_grid_fits(spec: GridSpec) -> None:
-    """Raise ExperimentError (or the data package's / trainer's one-line errors) when the grid cannot run."""
+def check_grid_fits(spec: GridSpec) -> dict[str, int]:
+    """Raise ExperimentError (or the data package's / trainer's one-line errors) when the grid cannot run; returns
+    {setup: parameter count of its model on this dataset}."""
     channels, side, classes, train_images = dataset_shape(spec)
-    for setup in spec.setups:
-        _check_model(spec.model(setup), channels, side, classes, spec.dataset)
+    counts = {s: _check_model(spec.model(s), channels, side, classes, spec.dataset) for s in spec.setups}
     available = train_images if spec.train_images is None else min(spec.train_images, train_images or 0)
     largest = max(*spec.batches, spec.search_batch)
     if available is not None and available < largest:
         raise ExperimentError(f"--batches: {largest} images per step need at least that many training images; "
                               f"--dataset {spec.dataset} gives {available}")  # fmt: skip
+    return counts

@@ -139,6 +139,7 @@ def _record(spec: GridSpec, run: RunSpec, base_lr: float, cfg: TrainConfig, summ
         "history": _slim_history(history), "plan": {"setups": list(spec.setups), "batches": list(spec.batches),
                                                     "seeds": list(spec.seeds)},
         "protocol": spec.protocol(), "config": cfg.to_dict(), **context,
+        "parameters": context["parameters"][run.setup],
     }  # fmt: skip
 
 
@@ -234,14 +235,15 @@ def run_sweep(spec: GridSpec, results_path: str | os.PathLike, runs_dir: str | o
     (and ExperimentError after the runs when some failed: they are named, the finished ones are recorded)."""
     say = (lambda text: print(text, flush=True)) if echo else (lambda text: None)
     threads = _check_parallelism(jobs, threads)
-    check_grid_fits(spec)
+    parameters = check_grid_fits(spec)
     results_path, runs_dir = Path(results_path), Path(runs_dir)
     results_path.parent.mkdir(parents=True, exist_ok=True)
     records = _load_existing(results_path, spec, say)
     commit, dirty = _commit()
     context = {"commit": commit, "dirty": dirty, "threads": threads, "jobs": jobs, "torch": torch.__version__,
                "python": platform.python_version(), "machine": platform.machine(),
-               "command": command or "torchws sweep " + " ".join(map(shlex.quote, sys.argv[1:]))}  # fmt: skip
+               "command": command or "torchws " + " ".join(map(shlex.quote, sys.argv[1:])),
+               "parameters": parameters}  # fmt: skip
     launcher, paths = _Launcher(threads), (results_path, runs_dir)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:

@@ -1,0 +1,131 @@
+"""Verdicts on the paper's claims (i)-(v), computed from a sweep's final test accuracies with the rules below, and
+claim (vi) (smoothness) from the probe data of ``scripts/smoothness.py``. Each verdict is "reproduced", "partly
+reproduced", "not reproduced", or "not tested" when the cells it needs are missing (a partial sweep).
+
+Rules (paired comparisons and their outcomes: :mod:`torchws.experiments.stats`):
+
+* (i) GN+WS at 1 and at 2 images per step vs BN at the best of 32/64/128 (best mean): reproduced when every
+  comparison beats or matches, partly when some do, not reproduced when none does.
+* (ii) GN+WS vs GN at each batch size: reproduced when GN+WS beats GN at every batch, partly at some, not at none.
+* (iii) BN at 1 and 2 vs BN at its best large batch: a collapse is ``worse`` by at least COLLAPSE_POINTS; reproduced
+  when both collapse, partly when one does.
+* (iv) BN+WS vs BN at each batch: as (ii).
+* (v) BCN+WS (estimated statistics) vs GN+WS at each batch: reproduced when it beats or matches at every batch,
+  partly at some, not at none.
+* (vi) GN+WS vs GN on the probes taken during training, paired by seed and probe: a metric supports the claim when
+  GN+WS is lower at more than half the pairs with a sign-test p < ALPHA; reproduced when loss range, gradient
+  predictiveness and effective beta all support it, partly when at least one is lower at a majority of pairs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .stats import ALPHA, Paired, mean_std, paired
+
+__all__ = ["COLLAPSE_POINTS", "Verdict", "claim_verdicts", "smoothness_verdict"]
+
+COLLAPSE_POINTS = 10.0
+Cells = Mapping[str, Mapping[int, Mapping[int, float]]]  # setup -> batch -> seed -> final test accuracy (%)
+LARGE, MICRO = (32, 64, 128), (1, 2)
+
+
+@dataclass
+class Verdict:
+    """One claim's verdict with the comparisons behind it (label, paired comparison)."""
+
+    claim: str
+    text: str
+    status: str
+    detail: str
+    comparisons: list[tuple[str, Paired]] = field(default_factory=list)
+
+
+def _status(hits: int, total: int) -> str:
+    return "reproduced" if hits == total else "partly reproduced" if hits else "not reproduced"
+
+
+def _best_batch(cells: Cells, setup: str, batches: Sequence[int]) -> int | None:
+    present = [b for b in batches if cells.get(setup, {}).get(b)]
+    return max(present, key=lambda b: mean_std(list(cells[setup][b].values()))[0], default=None)
+
+
+def _compare(cells: Cells, a: tuple[str, int], b: tuple[str, int]) -> Paired | None:
+    return paired(cells.get(a[0], {}).get(a[1], {}), cells.get(b[0], {}).get(b[1], {}))
+
+
+def _per_batch(cells: Cells, claim: str, text: str, a: str, b: str, wins: tuple[str, ...]) -> Verdict:
+    """A vs B at every batch both have; hits = outcomes in ``wins``."""
+    batches = sorted(set(cells.get(a, {})) & set(cells.get(b, {})))
+    comps = [(f"{a} vs {b} at {n}", p) for n in batches if (p := _compare(cells, (a, n), (b, n))) is not None]
+    if not comps:
+        return Verdict(claim, text, "not tested", f"no batch size has results for both {a} and {b}")
+    hits = [label.rsplit(" ", 1)[1] for label, p in comps if p.outcome in wins]
+    detail = f"{' or '.join(wins)} at {len(hits)} of {len(comps)} batch sizes ({', '.join(hits) or 'none'})"
+    return Verdict(claim, text, _status(len(hits), len(comps)), detail, comps)
+
+
+def _claim_i(cells: Cells) -> Verdict:
+    text = "GN+WS at 1-2 images per step matches or beats BN at 32-128"
+    best = _best_batch(cells, "bn", LARGE)
+    micro = [m for m in MICRO if cells.get("gn_ws", {}).get(m)]
+    if best is None or not micro:
+        return Verdict("i", text, "not tested", "needs GN+WS at 1 or 2 and BN at 32, 64 or 128")
+    comps = [(f"gn_ws at {m} vs bn at {best}", p) for m in micro if (p := _compare(cells, ("gn_ws", m), ("bn", best)))]
+    hits = sum(p.outcome in ("beats", "matches") for _, p in comps)
+    detail = f"BN's best large batch is {best}; GN+WS beats or matches it in {hits} of {len(comps)} comparisons"
+    return Verdict("i", text, _status(hits, len(comps)), detail, comps)
+
+
+def _claim_iii(cells: Cells) -> Verdict:
+    text = "BN collapses at micro-batch (1-2 images per step)"
+    best = _best_batch(cells, "bn", LARGE)
+    micro = [m for m in MICRO if cells.get("bn", {}).get(m)]
+    if best is None or not micro:
+        return Verdict("iii", text, "not tested", "needs BN at 1 or 2 and at 32, 64 or 128")
+    comps = [(f"bn at {m} vs bn at {best}", p) for m in micro if (p := _compare(cells, ("bn", m), ("bn", best)))]
+    hits = sum(p.outcome == "worse" and p.mean <= -COLLAPSE_POINTS for _, p in comps)
+    detail = (f"a collapse: significantly worse than BN at {best} by >= {COLLAPSE_POINTS:g} points; "
+              f"{hits} of {len(comps)} micro-batch sizes collapse")  # fmt: skip
+    return Verdict("iii", text, _status(hits, len(comps)), detail, comps)
+
+
+def claim_verdicts(cells: Cells) -> list[Verdict]:
+    """Verdicts (i)-(v) from ``cells`` (setup -> batch -> seed -> final test accuracy in %)."""
+    return [
+        _claim_i(cells),
+        _per_batch(cells, "ii", "GN+WS beats GN at every batch size", "gn_ws", "gn", ("beats",)),
+        _claim_iii(cells),
+        _per_batch(cells, "iv", "WS helps BN too (BN+WS beats BN)", "bn_ws", "bn", ("beats",)),
+        _per_batch(cells, "v", "BCN+WS matches or beats GN+WS", "bcn_est_ws", "gn_ws", ("beats", "matches")),
+    ]
+
+
+def _paired_probes(runs: Sequence[dict[str, Any]], a: str, b: str, metric: str) -> list[tuple[float, float]]:
+    by_key = {}
+    for run in runs:
+        for probe in run["probes"]:
+            if probe["images"] > 0:  # in training (the init probe is reported apart)
+                by_key[(run["variant"], run["seed"], probe["images"])] = probe[metric]
+    return [(v, by_key[(b, s, i)]) for (var, s, i), v in sorted(by_key.items()) if var == a and (b, s, i) in by_key]
+
+
+def smoothness_verdict(data: Mapping[str, Any], source: str) -> Verdict:
+    """Claim (vi) from the JSON ``scripts/smoothness.py`` writes (variants ``gn_ws_b2`` and ``gn_b2``)."""
+    from scipy import stats
+
+    text = "WS smooths the loss landscape (lower loss variation, gradient predictiveness, effective beta)"
+    metrics, rows, supported, majority = ("loss_range", "gradient_predictiveness", "effective_beta"), [], 0, 0
+    for metric in metrics:
+        pairs = _paired_probes(data["runs"], "gn_ws_b2", "gn_b2", metric)
+        if not pairs:
+            return Verdict("vi", text, "not tested", f"{source} holds no paired GN / GN+WS probes")
+        lower = sum(ws < gn for ws, gn in pairs)
+        p = stats.binomtest(lower, len(pairs), 0.5).pvalue
+        supported += lower * 2 > len(pairs) and p < ALPHA
+        majority += lower * 2 > len(pairs)
+        rows.append(f"{metric}: GN+WS lower at {lower}/{len(pairs)} (sign test p = {p:.3g})")
+    status = "reproduced" if supported == len(metrics) else "partly reproduced" if majority else "not reproduced"
+    return Verdict("vi", text, status, f"from {source}, probes during training at batch 2: " + "; ".join(rows))
