@@ -51,7 +51,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from torchws.experiments.report import write_report
 
     smoothness = args.smoothness if args.smoothness != "none" else None
-    result = write_report(args.results, args.out, args.figures, smoothness=smoothness, title=args.title)
+    result = write_report(args.results, args.out, args.figures, smoothness=smoothness, title=args.title,
+                          notes=args.notes)  # fmt: skip
     verdicts = ", ".join(f"({k}) {v}" for k, v in result["verdicts"].items())
     print(f"wrote {args.out} ({'complete' if result['complete'] else 'partial'}): {verdicts}")
     return 0
@@ -78,6 +79,7 @@ def _add_report_parsers(verbs: argparse._SubParsersAction) -> None:
     report.add_argument("--smoothness", default="docs/figures/smoothness.json", help="probe data of "
                         "scripts/smoothness.py for claim (vi); 'none' to leave the claim out")  # fmt: skip
     report.add_argument("--title", default=None)
+    report.add_argument("--notes", default=None, help="Markdown file inserted after the protocol")
     report.set_defaults(func=_cmd_report)
     analyze = verbs.add_parser("analyze", help="gradient identity, kept fraction and loss-landscape probes of a "
                                "checkpoint written by `torchws train`")  # fmt: skip

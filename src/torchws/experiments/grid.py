@@ -55,7 +55,7 @@ class GridSpec:
     seeds: tuple[int, ...] = (0, 1, 2)
     train_images: int | None = 10_000
     eval_images: int | None = 2_000
-    epochs: int = 5
+    epochs: int = 4
     image_size: int | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -104,6 +104,8 @@ class RunSpec:
 
 
 GRIDS = {
+    # 10,000 images x 4 epochs: sized by the quick grid's measured images/s to about 4-5 h of one process on one
+    # core (174 runs with the search), under the 6 h budget with room for a shared machine
     "default": GridSpec("default"),
     # about 10 minutes on 2 shared cores: 2 seeds, 5 batch sizes, 1,024 images x 2 epochs, 2 candidate lrs
     "quick": GridSpec("quick", batches=(1, 2, 8, 32, 128), seeds=(0, 1), train_images=1024, eval_images=1000,

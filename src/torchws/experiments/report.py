@@ -157,8 +157,12 @@ def _figures(records: Sequence[dict[str, Any]], cells: dict, figures_dir: Path, 
 
 
 def write_report(results: str | os.PathLike, out: str | os.PathLike, figures_dir: str | os.PathLike, *,
-                 smoothness: str | os.PathLike | None = None, title: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Write the Markdown report ``out`` and its figures; returns {"complete", "verdicts": {claim: status}}."""
+                 smoothness: str | os.PathLike | None = None, title: str | None = None,
+                 notes: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
+    """Write the Markdown report ``out`` and its figures; returns {"complete", "verdicts": {claim: status}}.
+
+    smoothness: JSON of ``scripts/smoothness.py`` for claim (vi). notes: a Markdown file inserted after the protocol
+    (e.g. why the grid has its size)."""
     records = _latest(read_results(results))
     protocol, plan = records[0]["protocol"], _plan(records)
     cells = grid_cells(records)
@@ -169,6 +173,10 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike, figures_dir
         except (OSError, ValueError) as e:
             raise ExperimentError(f"--smoothness {smoothness}: cannot read it as JSON ({e})") from None
         verdicts.append(smoothness_verdict(data, str(smoothness)))
+    try:
+        extra = [Path(notes).read_text().strip(), ""] if notes is not None else []
+    except OSError as e:
+        raise ExperimentError(f"--notes {notes}: cannot read it ({e.strerror or e})") from None
     out = Path(out)
     figs = _figures(records, cells, Path(figures_dir), protocol)
     status, complete = _status_line(records, plan, protocol)
@@ -176,7 +184,7 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike, figures_dir
     parts = [
         f"# {title or 'Normalization setups across images per step'}", "", status, "", "## Reproduce", "",
         _provenance(records), "", "## Protocol (fixed before any run)", "", protocol_text(protocol, plan, BASE_BATCH),
-        "", "## Learning-rate search", "", _search_table(records, protocol, plan), "",
+        "", *extra, "## Learning-rate search", "", _search_table(records, protocol, plan), "",
         "## Final test accuracy (%), mean ± std over seeds (number of seeds)", "", "Columns: images per step.", "",
         _accuracy_table(cells, plan), "", f"![accuracy against images per step]({rel['accuracy']})", "",
     ]  # fmt: skip
