@@ -160,5 +160,15 @@ def gradient_norm_identity(layer: nn.Module, w_hat_grad: Tensor | None = None) -
 
 
 def _as_rows(layer: nn.Module, tensor: Tensor) -> Tensor:
-    """A weight-shaped tensor of ``layer`` as its ``(O, n)`` rows (same group-aware layout as ``ws_rows``)."""
+    """A weight-shaped tensor of ``layer`` as its ``(O, n)`` rows, element for element aligned with ``ws_rows``.
+
+    A gradient can come in another memory layout than the weight (conv backward often returns a channels_last
+    gradient for a contiguous weight); ``weight_to_rows`` reads channels_last rows in memory order, so the tensor is
+    first laid out like the weight, or ``<W_hat, g>`` would pair mismatched elements."""
+    weight = layer.weight  # type: ignore[attr-defined]
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(weight.ndim)
+    if channels_last is not None and weight.is_contiguous(memory_format=channels_last) and not weight.is_contiguous():
+        tensor = tensor.contiguous(memory_format=channels_last)
+    else:
+        tensor = tensor.contiguous()
     return weight_to_rows(tensor, transposed=layer.ws_transposed, groups=layer.ws_groups)  # type: ignore[attr-defined]

@@ -35,7 +35,7 @@ from .preflight import check_grid_fits
 from .results import append_record, read_results, repair_torn_tail
 from .selection import choose_base_lrs
 
-__all__ = ["available_cpus", "run_sweep"]
+__all__ = ["available_cpus", "run_config", "run_sweep", "threads_per_job"]
 
 STOPPED = (143, 130, -signal.SIGTERM, -signal.SIGINT)  # a trainer stopped by the signal we forwarded
 
@@ -48,7 +48,9 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def _check_parallelism(jobs: int, threads: int | None) -> int:
+def threads_per_job(jobs: int, threads: int | None) -> int:
+    """Threads for each of ``jobs`` processes: ``threads``, or the CPUs split evenly (at least 1); raises
+    ExperimentError when ``jobs * threads`` would exceed the available CPUs."""
     cpus = available_cpus()
     if jobs < 1:
         raise ExperimentError(f"--jobs must be >= 1, got {jobs}")
@@ -234,7 +236,7 @@ def run_sweep(spec: GridSpec, results_path: str | os.PathLike, runs_dir: str | o
     """Run every pending run of ``spec``; returns counts. Raises ExperimentError on bad input before any run starts
     (and ExperimentError after the runs when some failed: they are named, the finished ones are recorded)."""
     say = (lambda text: print(text, flush=True)) if echo else (lambda text: None)
-    threads = _check_parallelism(jobs, threads)
+    threads = threads_per_job(jobs, threads)
     parameters = check_grid_fits(spec)
     results_path, runs_dir = Path(results_path), Path(runs_dir)
     results_path.parent.mkdir(parents=True, exist_ok=True)
