@@ -65,8 +65,9 @@ def test_layers_match_an_independent_gradient_computation(tmp_path):
         kept = ((g * g).sum(1) - g.sum(1) ** 2 / n - (w * g).sum(1) ** 2 / n) / (g * g).sum(1)
         assert row["kept_fraction"] == pytest.approx(float(kept.mean()), rel=2e-3)
         assert row["fan_in"] == n and row["identity_max_rel_error"] < 0.05
-    plain_loss = F.cross_entropy(create_model("cifar_resnet8_gn_ws", in_chans=1, batched_ws=False).eval()(batch[0]),
-                                 batch[1])  # fmt: skip
+    with torch.no_grad():
+        fresh = create_model("cifar_resnet8_gn_ws", in_chans=1, batched_ws=False).eval()
+        plain_loss = F.cross_entropy(fresh(batch[0]), batch[1])
     assert result["probe"]["loss"] != pytest.approx(float(plain_loss))  # the trained weights, not a fresh model
     assert result["probe"]["loss_range"] >= 0 and result["probe"]["effective_beta"] > 0
 

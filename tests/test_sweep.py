@@ -26,11 +26,12 @@ from torchws.experiments import (
     resolve_grid,
     search_runs,
 )
+from torchws.experiments.selection import search_decision, search_ladder
 from torchws.experiments.sweep import available_cpus, threads_per_job
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 TINY = ["--dataset", "digits", "--epochs", "1", "--train-images", "48", "--eval-images", "32", "--search-batch", "4",
-        "--jobs", "1", "--threads", "1"]  # fmt: skip
+        "--jobs", "1", "--threads", "1", "--search-extend", "0"]  # fmt: skip
 
 
 JOBS = min(2, available_cpus())  # two trainer processes of one thread each where two CPUs allow
@@ -75,11 +76,29 @@ def search_record(setup: str, lr: float, acc: float) -> dict:
 
 
 def test_lr_choice_best_accuracy_ties_to_smaller_missing_waits():
-    spec = resolve_grid("default", setups=["gn", "gn_ws", "bn"], search_lrs=[0.1, 0.4, 1.6])
+    spec = resolve_grid("default", setups=["gn", "gn_ws", "bn"], search_lrs=[0.1, 0.4, 1.6], search_extend=0)
     records = [search_record("gn", 0.1, 70.0), search_record("gn", 0.4, 75.0), search_record("gn", 1.6, 75.0),
                search_record("gn_ws", 0.1, 60.0), search_record("gn_ws", 0.4, math.nan),
                search_record("gn_ws", 1.6, 59.0), search_record("bn", 0.1, 80.0), search_record("bn", 0.4, 90.0)]
     assert choose_base_lrs(records, spec) == {"gn": 0.4, "gn_ws": 0.1}  # bn still lacks 1.6
+
+
+def test_lr_search_extends_while_the_best_is_at_an_edge():
+    spec = resolve_grid("default", search_lrs=[0.2, 0.4, 0.8], search_extend=2)
+    assert search_ladder(spec) == (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+    rising = lambda lr: 80.0 + lr  # noqa: E731  (always better with a larger lr)
+    assert search_decision({}, spec) == (None, [0.2, 0.4, 0.8])
+    assert search_decision({lr: rising(lr) for lr in (0.2, 0.4, 0.8)}, spec) == (None, [1.6])
+    assert search_decision({lr: rising(lr) for lr in (0.2, 0.4, 0.8, 1.6)}, spec) == (None, [3.2])
+    assert search_decision({lr: rising(lr) for lr in (0.2, 0.4, 0.8, 1.6, 3.2)}, spec) == (3.2, [])  # range end
+    peaked = {0.2: 70.0, 0.4: 71.0, 0.8: 75.0, 1.6: 74.0}
+    assert search_decision(peaked, spec) == (0.8, [])  # 1.6 was tried and lost: the best is inside
+    falling = {0.2: 80.0, 0.4: 70.0, 0.8: 60.0}
+    assert search_decision(falling, spec) == (None, [0.1])
+    assert search_decision({**falling, 0.1: 80.0}, spec) == (None, [0.05])  # a tie goes to the smaller lr, an edge
+    assert search_decision({**falling, 0.1: 80.0, 0.05: 70.0}, spec) == (0.1, [])
+    assert search_decision({**falling, 0.1: 79.0}, spec) == (0.2, [])  # a worse extension stops the search
+    assert search_decision({0.2: 80.0, 0.4: 80.0, 0.8: 80.0, 0.1: 80.0, 0.05: 80.0}, spec) == (0.05, [])
 
 
 # --- the results file ------------------------------------------------------------------------------------------
@@ -132,7 +151,7 @@ def test_sweep_report_analyze_end_to_end(tmp_path, capsys):
     before = results.read_bytes()
     capsys.readouterr()
     assert main(argv) == 0  # everything is done: nothing runs, nothing is appended
-    assert "0 lr-search runs to do" in capsys.readouterr().out and results.read_bytes() == before
+    assert "0 grid runs to do" in capsys.readouterr().out and results.read_bytes() == before
 
     report = tmp_path / "docs/results.md"
     assert main(["report", str(results), "--out", str(report), "--figures", str(tmp_path / "docs/figures")]) == 0

@@ -38,7 +38,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     name = "quick" if args.quick else args.grid
     fields = ("dataset", "data_dir", "arch", "setups", "batches", "seeds", "train_images", "eval_images", "epochs",
-              "image_size", "search_batch", "search_lrs", "search_seed", "max_steps")  # fmt: skip
+              "image_size", "search_batch", "search_lrs", "search_seed", "search_extend", "max_steps")  # fmt: skip
     spec = resolve_grid(name, **{f: getattr(args, f) for f in fields})
     out = args.out_dir or f"runs/sweep/{spec.name}"
     results = args.results or f"{out}/results.jsonl"
@@ -113,6 +113,8 @@ def _add_sweep_parser(verbs: argparse._SubParsersAction) -> None:
     sweep.add_argument("--search-batch", type=int, default=None, help="images per step of the lr search")
     sweep.add_argument("--search-lrs", nargs="+", type=float, default=None, help="candidate base lrs at 256 images")
     sweep.add_argument("--search-seed", type=int, default=None, help="seed of the lr search runs")
+    sweep.add_argument("--search-extend", type=int, default=None, help="extensions (x2 / /2) of the candidates while "
+                       "the best is the largest / smallest tried (default 3)")  # fmt: skip
     sweep.add_argument("--max-steps", type=int, default=None, help="cut every run after N steps (smoke tests)")
     sweep.set_defaults(func=_cmd_sweep)
 

@@ -3,7 +3,8 @@
 Protocol (the paper's): every batch size trains for the same number of epochs on the same images; the lr scales
 linearly with the batch, ``lr = base_lr * batch / 256``, from one ``base_lr`` per setup. That base lr is chosen by a
 search fixed before any run (``search_lrs`` at ``search_batch`` images per step, seed ``search_seed``, the same for
-every setup): the candidate with the best final test accuracy wins (ties: the smaller lr).
+every setup, extended while the best is at an edge: :mod:`torchws.experiments.selection`): the best final test
+accuracy wins (ties: the smaller lr).
 
 A setup is a model-name suffix of the registry (``<arch>_<setup>``, e.g. ``cifar_resnet8_gn_ws``).
 """
@@ -64,6 +65,7 @@ class GridSpec:
     search_batch: int = 8
     search_lrs: tuple[float, ...] = (0.1, 0.2, 0.4, 0.8, 1.6)
     search_seed: int = 100
+    search_extend: int = 3  # extensions of the candidates (x2 above, /2 below) while the best is at an edge
     max_steps: int | None = None  # tests only: cut every run short
     data_dir: str | None = field(default=None, compare=False)
 
@@ -123,6 +125,8 @@ def _check_values(spec: GridSpec) -> None:
             raise ExperimentError(f"--{name.replace('_', '-')}: give one or more distinct values, got {list(values)}")
     if min(spec.batches) < 1 or spec.search_batch < 1 or spec.epochs < 1 or min(spec.search_lrs) <= 0:
         raise ExperimentError("--batches, --search-batch and --epochs must be >= 1 and --search-lrs > 0")
+    if spec.search_extend < 0:
+        raise ExperimentError(f"--search-extend must be >= 0, got {spec.search_extend}")
     if spec.search_seed in spec.seeds:
         raise ExperimentError(f"--search-seed {spec.search_seed} is also one of --seeds; the lr search uses a seed "
                               "of its own so the reported runs are not the ones the lr was picked on")  # fmt: skip
@@ -141,7 +145,8 @@ def resolve_grid(name: str, **overrides: Any) -> GridSpec:
 
 
 def search_runs(spec: GridSpec) -> list[RunSpec]:
-    """The lr search: every setup at ``search_batch`` with every candidate lr, one seed."""
+    """The lr search's first round: every setup at ``search_batch`` with every candidate lr, one seed (extensions
+    are added by the sweep as the results come in)."""
     return [RunSpec("search", s, spec.search_batch, spec.search_seed, lr) for s in spec.setups for lr in
             spec.search_lrs]  # fmt: skip
 

@@ -13,9 +13,9 @@ from typing import Any
 
 from .errors import ExperimentError
 from .figures import plot_accuracy_vs_batch, plot_learning_curves
-from .grid import BASE_BATCH, SETUP_LABELS
+from .grid import BASE_BATCH, SETUP_LABELS, GridSpec
 from .results import read_results
-from .selection import search_accuracies
+from .selection import search_accuracies, search_decision, search_ladder
 from .stats import ALPHA, MATCH_MARGIN, mean_std
 from .texts import caveats, protocol_text
 from .verdicts import COLLAPSE_POINTS, Verdict, claim_verdicts, smoothness_verdict
@@ -78,19 +78,23 @@ def _throughput_table(records: Sequence[dict[str, Any]], plan: dict) -> str:
     return "\n".join(lines)
 
 
-def _search_table(records: Sequence[dict[str, Any]], protocol: dict, plan: dict) -> str:
-    from .grid import GridSpec
+def _spec(protocol: dict) -> GridSpec:
+    """The grid spec of a recorded protocol (enough for the lr-search rule)."""
+    return GridSpec("report", **{k: tuple(v) if isinstance(v, list) else v for k, v in protocol.items()})
 
-    spec = GridSpec("report", **{k: tuple(v) if isinstance(v, list) else v for k, v in protocol.items()})
-    lrs = spec.search_lrs
+
+def _search_table(records: Sequence[dict[str, Any]], protocol: dict, plan: dict) -> str:
+    spec = _spec(protocol)
+    found = {setup: search_accuracies(records, spec, setup) for setup in plan["setups"]}
+    lrs = sorted({lr for accs in found.values() for lr in accs} | set(spec.search_lrs))
     lines = ["| setup | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen |", "|---" * (len(lrs) + 2) + "|"]
     for setup in plan["setups"]:
-        found = search_accuracies(records, spec, setup)
-        chosen = max(sorted(found), key=lambda lr: found[lr]) if len(found) == len(lrs) else None
-        edge = " (edge of the range)" if chosen in (lrs[0], lrs[-1]) else ""
-        row = [f"{found[lr]:.2f}" if lr in found else "-" for lr in lrs]
-        lines.append(f"| {SETUP_LABELS.get(setup, setup)} | " + " | ".join(row) + " | "
-                     + (f"{chosen:g}{edge}" if chosen is not None else "search not finished") + " |")  # fmt: skip
+        chosen, todo = search_decision(found[setup], spec)
+        note = f"**{chosen:g}**" if chosen is not None else f"search not finished (next: {todo[0]:g})"
+        if chosen is not None and chosen in (search_ladder(spec)[0], search_ladder(spec)[-1]):
+            note += " (end of the extended range)"
+        row = [f"{found[setup][lr]:.2f}" if lr in found[setup] else "-" for lr in lrs]
+        lines.append(f"| {SETUP_LABELS.get(setup, setup)} | " + " | ".join(row) + f" | {note} |")
     return "\n".join(lines)
 
 
@@ -111,10 +115,12 @@ def _status_line(records: Sequence[dict[str, Any]], plan: dict, protocol: dict) 
     expected = len(plan["setups"]) * len(plan["batches"]) * len(plan["seeds"])
     grid = sum(r["kind"] == "grid" for r in records)
     search = sum(r["kind"] == "search" for r in records)
-    n_search = len(plan["setups"]) * len(protocol["search_lrs"])
-    complete = grid >= expected and search >= n_search
+    spec = _spec(protocol)
+    decided = sum(search_decision(search_accuracies(records, spec, s), spec)[0] is not None for s in plan["setups"])
+    complete = grid >= expected
     state = "Complete" if complete else "**PARTIAL RESULTS: the sweep is still running**"
-    return (f"{state}: {grid} of {expected} grid runs and {search} of {n_search} lr-search runs are done. "
+    return (f"{state}: {grid} of {expected} grid runs and {search} lr-search runs are done ({decided} of "
+            f"{len(plan['setups'])} setups have their lr). "
             + ("" if complete else "Verdicts below use only the runs done so far; cells without runs say "
                "`not tested`.")), complete  # fmt: skip
 

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,10 @@ import torchws
 from torchws.train import TrainConfig, save_config
 
 from .errors import ExperimentError
-from .grid import BASE_BATCH, GridSpec, RunSpec, grid_runs, search_runs
+from .grid import BASE_BATCH, GridSpec, RunSpec, grid_runs
 from .preflight import check_grid_fits
 from .results import append_record, read_results, repair_torn_tail
-from .selection import choose_base_lrs
+from .selection import choose_base_lrs, search_accuracies, search_decision
 
 __all__ = ["available_cpus", "run_config", "run_sweep", "threads_per_job"]
 
@@ -198,8 +198,11 @@ def _run_batch(runs: list[tuple[RunSpec, float]], spec: GridSpec, paths: tuple[P
     pool = ThreadPoolExecutor(max_workers=jobs)
     futures = [pool.submit(work, item) for item in runs]
     try:
-        for future in futures:
-            future.result()
+        pending = set(futures)
+        while pending:  # wake up often: a signal delivered to a worker thread is only handled when main wakes
+            finished, pending = wait(pending, timeout=0.5, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                future.result()
     except BaseException:  # a signal or an error: stop the trainers now rather than after their whole runs
         launcher.stop_all()
         for future in futures:
@@ -210,8 +213,28 @@ def _run_batch(runs: list[tuple[RunSpec, float]], spec: GridSpec, paths: tuple[P
     return failures
 
 
+def _search(spec: GridSpec, paths: tuple[Path, Path], jobs: int, launcher: _Launcher, context: dict[str, Any],
+            say: Callable[[str], None]) -> list[str]:  # fmt: skip
+    """Run the lr search in rounds until every setup's decision is made (or a round adds nothing: failures)."""
+    failures: list[str] = []
+    while True:
+        records = _recorded(paths[0])
+        needed = [RunSpec("search", setup, spec.search_batch, spec.search_seed, lr) for setup in spec.setups
+                  for lr in search_decision(search_accuracies(records, spec, setup), spec)[1]]  # fmt: skip
+        todo = _pending(needed, records)
+        if not todo or failures:
+            return failures
+        say(f"grid {spec.name} ({spec.fingerprint()}): {len(todo)} lr-search runs to do, {launcher.threads} thread(s)"
+            f" x {jobs} process(es)")  # fmt: skip
+        failures += _run_batch([(r, r.base_lr) for r in todo], spec, paths, jobs, launcher, context, say)
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(143)  # unwinds _run_batch, which stops the trainers (they save last.pt)
+
+
+def _recorded(path: Path) -> list[dict[str, Any]]:
+    return read_results(path, allow_empty=True) if path.exists() else []
 
 
 def _pending(runs: list[RunSpec], records: list[dict[str, Any]]) -> list[RunSpec]:
@@ -249,10 +272,8 @@ def run_sweep(spec: GridSpec, results_path: str | os.PathLike, runs_dir: str | o
     launcher, paths = _Launcher(threads), (results_path, runs_dir)
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        search = _pending(search_runs(spec), records)
-        say(f"grid {spec.name} ({spec.fingerprint()}): {len(search)} lr-search runs to do, {jobs} x {threads} threads")
-        failures = _run_batch([(r, r.base_lr) for r in search], spec, paths, jobs, launcher, context, say)
-        records = read_results(results_path, allow_empty=True)
+        failures = _search(spec, paths, jobs, launcher, context, say)
+        records = _recorded(results_path)
         lrs = choose_base_lrs(records, spec)
         missing = [s for s in spec.setups if s not in lrs]
         grid = [r for r in _pending(grid_runs(spec), records) if r.setup in lrs]
@@ -263,4 +284,4 @@ def run_sweep(spec: GridSpec, results_path: str | os.PathLike, runs_dir: str | o
     if failures or missing:
         raise ExperimentError(f"{len(failures)} run(s) failed: {'; '.join(failures) or 'none'}; setups without a "
                               f"searched lr: {', '.join(missing) or 'none'}; the finished runs are in {results_path}")
-    return {"results": str(results_path), "records": len(read_results(results_path, allow_empty=True))}
+    return {"results": str(results_path), "records": len(_recorded(results_path))}
