@@ -208,8 +208,8 @@ def test_image_folder_the_project_does_not_ship(tmp_path, capsys):
                 write_image(root / split / label / f"{i}.png", 12 + i, 10 + i, color)
     out = tmp_path / "sweep"
     argv = ["sweep", "--dataset", "imagefolder", "--data-dir", str(root), "--image-size", "8", "--setups", "gn_ws",
-            "--batches", "2", "--seeds", "0", "--search-lrs", "0.4", "--search-batch", "2", "--epochs", "1",
-            "--out-dir", str(out), "--jobs", "1", "--threads", "1"]  # fmt: skip
+            "--batches", "2", "--seeds", "0", "--search-lrs", "0.4", "--search-batch", "2", "--search-extend", "0",
+            "--epochs", "1", "--out-dir", str(out), "--jobs", "1", "--threads", "1"]  # fmt: skip
     assert main(argv) == 0
     records = records_of(out / "results.jsonl")
     assert [r["steps"] for r in records] == [6, 6] and records[0]["protocol"]["train_images"] is None

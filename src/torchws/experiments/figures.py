@@ -33,6 +33,8 @@ def plot_accuracy_vs_batch(cells: Mapping[str, Mapping[int, Mapping[int, float]]
         ax.errorbar(batches, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                     label=SETUP_LABELS.get(setup, setup))  # fmt: skip
     ax.set_xscale("log", base=2)
+    ticks = sorted({b for by_batch in cells.values() for b in by_batch})
+    ax.set_xticks(ticks, [str(b) for b in ticks])
     ax.set_xlabel("images per step (log scale)")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title(title, fontsize=10)

@@ -79,8 +79,10 @@ def _throughput_table(records: Sequence[dict[str, Any]], plan: dict) -> str:
 
 
 def _spec(protocol: dict) -> GridSpec:
-    """The grid spec of a recorded protocol (enough for the lr-search rule)."""
-    return GridSpec("report", **{k: tuple(v) if isinstance(v, list) else v for k, v in protocol.items()})
+    """The grid spec of a recorded protocol (enough for the lr-search rule; protocols recorded before the search
+    could extend its candidates had no extension)."""
+    values = {"search_extend": 0, **protocol}
+    return GridSpec("report", **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def _search_table(records: Sequence[dict[str, Any]], protocol: dict, plan: dict) -> str:

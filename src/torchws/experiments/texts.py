@@ -55,8 +55,8 @@ def protocol_text(protocol: Mapping[str, Any], plan: Mapping[str, list], base_ba
         f"- Learning rate: `lr = base_lr * images_per_step / {base_batch}`, one `base_lr` per setup from a search "
         f"fixed in advance: candidates {', '.join(f'{lr:g}' for lr in p['search_lrs'])} at {p['search_batch']} "
         f"images per step, seed {p['search_seed']} (not a reported seed), the same for every setup; while the best "
-        f"is the largest (smallest) lr tried, twice (half) that lr is tried too, up to {p['search_extend']} times "
-        "each way; the best final test accuracy wins (ties: the smaller lr).",
+        f"is the largest (smallest) lr tried, twice (half) that lr is tried too, up to {p.get('search_extend', 0)} "
+        "times each way; the best final test accuracy wins (ties: the smaller lr).",
         "- Reported: final test accuracy (after the last epoch), mean ± sample std over seeds."
         + (f" Every run stopped after at most {p['max_steps']} steps (smoke test)." if p.get("max_steps") else ""),
     ]  # fmt: skip
