@@ -261,3 +261,18 @@ def test_parallelism_defaults_to_all_cpus_split_across_jobs():
     assert threads_per_job(1, None) == cpus and threads_per_job(cpus, None) == 1
     with pytest.raises(ExperimentError, match=f"oversubscribe the {cpus} CPU"):
         threads_per_job(cpus + 1, None)
+
+
+def test_a_run_dir_holding_another_lr_is_not_continued(tmp_path, capsys):
+    from torchws.train import TrainConfig, save_config
+
+    argv = ["sweep", *TINY, "--setups", "gn", "--batches", "2", "--seeds", "0", "--search-lrs", "0.4", "--max-steps",
+            "1", "--out-dir", str(tmp_path / "o")]  # fmt: skip
+    spec = resolve_grid("default", dataset="digits", epochs=1, train_images=48, eval_images=32, search_batch=4,
+                        search_extend=0, setups=["gn"], batches=[2], seeds=[0], search_lrs=[0.4], max_steps=1)
+    stale = tmp_path / "o" / "runs" / spec.fingerprint() / "gn_b2_s0"
+    stale.mkdir(parents=True)
+    save_config(TrainConfig(lr=9.9), stale / "sweep_run.yaml")
+    assert main(argv) == 2
+    assert f"{stale} holds a run with base lr 9.9, but the search now gives 0.4" in capsys.readouterr().err
+    assert [r["kind"] for r in records_of(tmp_path / "o" / "results.jsonl")] == ["search"]  # the search run is kept

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 import torchws
-from torchws.train import TrainConfig, save_config
+from torchws.train import TrainConfig, load_yaml, save_config
 
 from .errors import ExperimentError
 from .grid import BASE_BATCH, GridSpec, RunSpec, grid_runs
@@ -141,7 +141,6 @@ def _record(spec: GridSpec, run: RunSpec, base_lr: float, cfg: TrainConfig, summ
         "history": _slim_history(history), "plan": {"setups": list(spec.setups), "batches": list(spec.batches),
                                                     "seeds": list(spec.seeds)},
         "protocol": spec.protocol(), "config": cfg.to_dict(), **context,
-        "parameters": context["parameters"][run.setup],
     }  # fmt: skip
 
 
@@ -155,15 +154,24 @@ def _read_summary(run_dir: Path) -> dict[str, Any] | None:
         return None  # written atomically, so only a foreign file gets here: run again over it via --resume auto
 
 
+def _check_same_run(config_path: Path, cfg: TrainConfig) -> None:
+    """A run dir left by an earlier sweep must hold this very run (the lr is what could differ: a setup's searched lr
+    changes only if its search runs were redone with other results)."""
+    if config_path.exists() and load_yaml(config_path).get("lr") != cfg.lr:
+        raise ExperimentError(f"{config_path.parent} holds a run with base lr {load_yaml(config_path).get('lr')}, but "
+                              f"the search now gives {cfg.lr}; move that run dir away to train it again")  # fmt: skip
+
+
 def _execute(spec: GridSpec, run: RunSpec, base_lr: float, runs_dir: Path, launcher: _Launcher,
              context: dict[str, Any]) -> dict[str, Any] | int:  # fmt: skip
     """Train one run (or pick up its finished summary); returns its record, or the trainer's exit code."""
     run_dir = runs_dir / spec.fingerprint() / run.run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = run_config(spec, run, base_lr, run_dir)
+    config_path = run_dir / "sweep_run.yaml"
+    _check_same_run(config_path, cfg)
     summary, wall = _read_summary(run_dir), 0.0  # written when a run completes: a finished, unrecorded run
     if summary is None:
-        config_path = run_dir / "sweep_run.yaml"
         save_config(cfg, config_path)
         start = time.perf_counter()
         code = launcher.run(config_path, run_dir / "train.log")
@@ -171,7 +179,9 @@ def _execute(spec: GridSpec, run: RunSpec, base_lr: float, runs_dir: Path, launc
         summary = _read_summary(run_dir) if code == 0 else None
         if summary is None:
             return code if code != 0 else 1
-    return _record(spec, run, base_lr, cfg, summary, wall, context)
+    record = _record(spec, run, base_lr, cfg, summary, wall, {k: v for k, v in context.items() if k != "parameters"})
+    record["parameters"] = context["parameters"][run.setup]  # of this setup's model on this dataset
+    return record
 
 
 def _run_batch(runs: list[tuple[RunSpec, float]], spec: GridSpec, paths: tuple[Path, Path], jobs: int,

@@ -1,17 +1,19 @@
 """Verdicts on the paper's claims (i)-(v), computed from a sweep's final test accuracies with the rules below, and
 claim (vi) (smoothness) from the probe data of ``scripts/smoothness.py``. Each verdict is "reproduced", "partly
-reproduced", "not reproduced", or "not tested" when the cells it needs are missing (a partial sweep).
+reproduced", "not reproduced", "inconclusive", or "not tested" when the cells it needs are missing (a partial
+sweep).
 
-Rules (paired comparisons and their outcomes: :mod:`torchws.experiments.stats`):
+Each claim is a set of paired comparisons (outcomes: :mod:`torchws.experiments.stats`), each judged for the claim
+(yes), against it (no) or unclear (``inconclusive``). Reproduced: every comparison yes; partly: some yes; not
+reproduced: no yes and at least one no; inconclusive: every comparison unclear.
 
-* (i) GN+WS at 1 and at 2 images per step vs BN at the best of 32/64/128 (best mean): reproduced when every
-  comparison beats or matches, partly when some do, not reproduced when none does.
-* (ii) GN+WS vs GN at each batch size: reproduced when GN+WS beats GN at every batch, partly at some, not at none.
-* (iii) BN at 1 and 2 vs BN at its best large batch: a collapse is ``worse`` by at least COLLAPSE_POINTS; reproduced
-  when both collapse, partly when one does.
+* (i) GN+WS at 1 and at 2 images per step vs BN at the best of 32/64/128 (highest mean): yes when it beats or
+  matches, no when it is worse.
+* (ii) GN+WS vs GN at each batch size: yes when GN+WS beats GN, no when it matches or is worse.
+* (iii) BN at 1 and 2 vs BN at its best large batch: yes (a collapse) when ``worse`` by at least COLLAPSE_POINTS,
+  no when not worse or worse by less.
 * (iv) BN+WS vs BN at each batch: as (ii).
-* (v) BCN+WS (estimated statistics) vs GN+WS at each batch: reproduced when it beats or matches at every batch,
-  partly at some, not at none.
+* (v) BCN+WS (estimated statistics) vs GN+WS at each batch: as (i).
 * (vi) GN+WS vs GN on the probes taken during training, paired by seed and probe: a metric supports the claim when
   GN+WS is lower at more than half the pairs with a sign-test p < ALPHA; reproduced when loss range, gradient
   predictiveness and effective beta all support it, partly when at least one is lower at a majority of pairs.
@@ -19,11 +21,11 @@ Rules (paired comparisons and their outcomes: :mod:`torchws.experiments.stats`):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .stats import ALPHA, Paired, mean_std, paired
+from .stats import ALPHA, MATCH_MARGIN, Paired, mean_std, paired
 
 __all__ = ["COLLAPSE_POINTS", "Verdict", "claim_verdicts", "smoothness_verdict"]
 
@@ -43,8 +45,33 @@ class Verdict:
     comparisons: list[tuple[str, Paired]] = field(default_factory=list)
 
 
-def _status(hits: int, total: int) -> str:
-    return "reproduced" if hits == total else "partly reproduced" if hits else "not reproduced"
+def _matches_or_beats(p: Paired) -> str:
+    return "yes" if p.outcome in ("beats", "matches") else "no" if p.outcome == "worse" else "unclear"
+
+
+def _beats(p: Paired) -> str:
+    return "yes" if p.outcome == "beats" else "no" if p.outcome in ("worse", "matches") else "unclear"
+
+
+def _collapses(p: Paired) -> str:
+    if p.outcome == "inconclusive":
+        return "unclear"
+    return "yes" if p.outcome == "worse" and p.mean <= -COLLAPSE_POINTS else "no"
+
+
+def _tally(claim: str, text: str, comps: list[tuple[str, Paired]], judge: Callable[[Paired], str],
+           what: str, note: str = "") -> Verdict:  # fmt: skip
+    """The verdict from per-comparison judgments: all yes -> reproduced, some yes -> partly, a no and no yes -> not
+    reproduced, only unclear ones -> inconclusive."""
+    marks = [(label, judge(p)) for label, p in comps]
+    yes = [label for label, mark in marks if mark == "yes"]
+    no = sum(mark == "no" for _, mark in marks)
+    unclear = len(marks) - len(yes) - no
+    status = ("reproduced" if len(yes) == len(marks) else "partly reproduced" if yes else "not reproduced" if no
+              else "inconclusive")  # fmt: skip
+    detail = (f"{note}{what} in {len(yes)} of {len(marks)} comparisons ({', '.join(yes) or 'none'}); "
+              f"{no} against, {unclear} inconclusive (no significant difference beyond {MATCH_MARGIN:g} point)")
+    return Verdict(claim, text, status, detail, comps)
 
 
 def _best_batch(cells: Cells, setup: str, batches: Sequence[int]) -> int | None:
@@ -56,15 +83,14 @@ def _compare(cells: Cells, a: tuple[str, int], b: tuple[str, int]) -> Paired | N
     return paired(cells.get(a[0], {}).get(a[1], {}), cells.get(b[0], {}).get(b[1], {}))
 
 
-def _per_batch(cells: Cells, claim: str, text: str, a: str, b: str, wins: tuple[str, ...]) -> Verdict:
-    """A vs B at every batch both have; hits = outcomes in ``wins``."""
+def _per_batch(cells: Cells, claim: str, text: str, a: str, b: str, judge: Callable[[Paired], str],
+               what: str) -> Verdict:  # fmt: skip
+    """A vs B at every batch size both have."""
     batches = sorted(set(cells.get(a, {})) & set(cells.get(b, {})))
     comps = [(f"{a} vs {b} at {n}", p) for n in batches if (p := _compare(cells, (a, n), (b, n))) is not None]
     if not comps:
         return Verdict(claim, text, "not tested", f"no batch size has results for both {a} and {b}")
-    hits = [label.rsplit(" ", 1)[1] for label, p in comps if p.outcome in wins]
-    detail = f"{' or '.join(wins)} at {len(hits)} of {len(comps)} batch sizes ({', '.join(hits) or 'none'})"
-    return Verdict(claim, text, _status(len(hits), len(comps)), detail, comps)
+    return _tally(claim, text, comps, judge, what)
 
 
 def _claim_i(cells: Cells) -> Verdict:
@@ -74,9 +100,8 @@ def _claim_i(cells: Cells) -> Verdict:
     if best is None or not micro:
         return Verdict("i", text, "not tested", "needs GN+WS at 1 or 2 and BN at 32, 64 or 128")
     comps = [(f"gn_ws at {m} vs bn at {best}", p) for m in micro if (p := _compare(cells, ("gn_ws", m), ("bn", best)))]
-    hits = sum(p.outcome in ("beats", "matches") for _, p in comps)
-    detail = f"BN's best large batch is {best}; GN+WS beats or matches it in {hits} of {len(comps)} comparisons"
-    return Verdict("i", text, _status(hits, len(comps)), detail, comps)
+    return _tally("i", text, comps, _matches_or_beats, "GN+WS beats or matches it",
+                  f"BN's best large batch (highest mean) is {best}; ")  # fmt: skip
 
 
 def _claim_iii(cells: Cells) -> Verdict:
@@ -86,20 +111,19 @@ def _claim_iii(cells: Cells) -> Verdict:
     if best is None or not micro:
         return Verdict("iii", text, "not tested", "needs BN at 1 or 2 and at 32, 64 or 128")
     comps = [(f"bn at {m} vs bn at {best}", p) for m in micro if (p := _compare(cells, ("bn", m), ("bn", best)))]
-    hits = sum(p.outcome == "worse" and p.mean <= -COLLAPSE_POINTS for _, p in comps)
-    detail = (f"a collapse: significantly worse than BN at {best} by >= {COLLAPSE_POINTS:g} points; "
-              f"{hits} of {len(comps)} micro-batch sizes collapse")  # fmt: skip
-    return Verdict("iii", text, _status(hits, len(comps)), detail, comps)
+    return _tally("iii", text, comps, _collapses, "BN collapses",
+                  f"a collapse is significantly worse than BN at {best} by >= {COLLAPSE_POINTS:g} points; ")
 
 
 def claim_verdicts(cells: Cells) -> list[Verdict]:
     """Verdicts (i)-(v) from ``cells`` (setup -> batch -> seed -> final test accuracy in %)."""
     return [
         _claim_i(cells),
-        _per_batch(cells, "ii", "GN+WS beats GN at every batch size", "gn_ws", "gn", ("beats",)),
+        _per_batch(cells, "ii", "GN+WS beats GN at every batch size", "gn_ws", "gn", _beats, "GN+WS beats GN"),
         _claim_iii(cells),
-        _per_batch(cells, "iv", "WS helps BN too (BN+WS beats BN)", "bn_ws", "bn", ("beats",)),
-        _per_batch(cells, "v", "BCN+WS matches or beats GN+WS", "bcn_est_ws", "gn_ws", ("beats", "matches")),
+        _per_batch(cells, "iv", "WS helps BN too (BN+WS beats BN)", "bn_ws", "bn", _beats, "BN+WS beats BN"),
+        _per_batch(cells, "v", "BCN+WS matches or beats GN+WS", "bcn_est_ws", "gn_ws", _matches_or_beats,
+                   "BCN+WS beats or matches GN+WS"),
     ]
 
 
