@@ -30,6 +30,7 @@ from .stats import ALPHA, MATCH_MARGIN, Paired, mean_std, paired
 __all__ = ["COLLAPSE_POINTS", "Verdict", "claim_verdicts", "smoothness_verdict"]
 
 COLLAPSE_POINTS = 10.0
+MIN_SEEDS = 2  # a comparison enters a verdict once both sides have this many common seeds
 Cells = Mapping[str, Mapping[int, Mapping[int, float]]]  # setup -> batch -> seed -> final test accuracy (%)
 LARGE, MICRO = (32, 64, 128), (1, 2)
 
@@ -80,7 +81,9 @@ def _best_batch(cells: Cells, setup: str, batches: Sequence[int]) -> int | None:
 
 
 def _compare(cells: Cells, a: tuple[str, int], b: tuple[str, int]) -> Paired | None:
-    return paired(cells.get(a[0], {}).get(a[1], {}), cells.get(b[0], {}).get(b[1], {}))
+    """A vs B, or None while they share fewer than MIN_SEEDS seeds (no test possible: no verdict yet)."""
+    result = paired(cells.get(a[0], {}).get(a[1], {}), cells.get(b[0], {}).get(b[1], {}))
+    return result if result is not None and len(result.seeds) >= MIN_SEEDS else None
 
 
 def _per_batch(cells: Cells, claim: str, text: str, a: str, b: str, judge: Callable[[Paired], str],
@@ -89,7 +92,7 @@ def _per_batch(cells: Cells, claim: str, text: str, a: str, b: str, judge: Calla
     batches = sorted(set(cells.get(a, {})) & set(cells.get(b, {})))
     comps = [(f"{a} vs {b} at {n}", p) for n in batches if (p := _compare(cells, (a, n), (b, n))) is not None]
     if not comps:
-        return Verdict(claim, text, "not tested", f"no batch size has results for both {a} and {b}")
+        return Verdict(claim, text, "not tested", f"no batch size has {MIN_SEEDS}+ common seeds for {a} and {b}")
     return _tally(claim, text, comps, judge, what)
 
 
@@ -97,9 +100,10 @@ def _claim_i(cells: Cells) -> Verdict:
     text = "GN+WS at 1-2 images per step matches or beats BN at 32-128"
     best = _best_batch(cells, "bn", LARGE)
     micro = [m for m in MICRO if cells.get("gn_ws", {}).get(m)]
-    if best is None or not micro:
-        return Verdict("i", text, "not tested", "needs GN+WS at 1 or 2 and BN at 32, 64 or 128")
-    comps = [(f"gn_ws at {m} vs bn at {best}", p) for m in micro if (p := _compare(cells, ("gn_ws", m), ("bn", best)))]
+    comps = [] if best is None else [(f"gn_ws at {m} vs bn at {best}", p) for m in micro
+                                     if (p := _compare(cells, ("gn_ws", m), ("bn", best)))]  # fmt: skip
+    if not comps:
+        return Verdict("i", text, "not tested", f"needs GN+WS at 1 or 2 and BN at 32, 64 or 128 ({MIN_SEEDS}+ seeds)")
     return _tally("i", text, comps, _matches_or_beats, "GN+WS beats or matches it",
                   f"BN's best large batch (highest mean) is {best}; ")  # fmt: skip
 
@@ -108,9 +112,10 @@ def _claim_iii(cells: Cells) -> Verdict:
     text = "BN collapses at micro-batch (1-2 images per step)"
     best = _best_batch(cells, "bn", LARGE)
     micro = [m for m in MICRO if cells.get("bn", {}).get(m)]
-    if best is None or not micro:
-        return Verdict("iii", text, "not tested", "needs BN at 1 or 2 and at 32, 64 or 128")
-    comps = [(f"bn at {m} vs bn at {best}", p) for m in micro if (p := _compare(cells, ("bn", m), ("bn", best)))]
+    comps = [] if best is None else [(f"bn at {m} vs bn at {best}", p) for m in micro
+                                     if (p := _compare(cells, ("bn", m), ("bn", best)))]  # fmt: skip
+    if not comps:
+        return Verdict("iii", text, "not tested", f"needs BN at 1 or 2 and at 32, 64 or 128 ({MIN_SEEDS}+ seeds)")
     return _tally("iii", text, comps, _collapses, "BN collapses",
                   f"a collapse is significantly worse than BN at {best} by >= {COLLAPSE_POINTS:g} points; ")
 
