@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -154,8 +155,12 @@ def test_sweep_report_analyze_end_to_end(tmp_path, capsys):
     assert "0 grid runs to do" in capsys.readouterr().out and results.read_bytes() == before
 
     report = tmp_path / "docs/results.md"
-    assert main(["report", str(results), "--out", str(report), "--figures", str(tmp_path / "docs/figures")]) == 0
+    assert main(["report", str(results), "--out", str(report), "--figures", str(tmp_path / "docs/figures"),
+                 "--runs-dir", str(out / "runs")]) == 0  # fmt: skip
     text = report.read_text()
+    trained = text.split("## Smoothness of the trained models at 2 images per step", 1)[1]
+    assert re.search(r"\| GN\+WS \| 2 \| [0-9.e+-]+ ± ", trained)
+    assert re.search(r"\| BN \| 2 \| .* \| - \| - \|", trained)  # no WS layers: no kept fraction, no ratio
     assert "Complete: 8 of 8 grid runs" in text and (tmp_path / "docs/figures/sweep_accuracy.png").exists()
     accs = [r["final_test_acc"] for r in records if r["kind"] == "grid" and r["setup"] == "gn_ws" and r["batch"] == 2]
     mean, std = sum(accs) / 2, abs(accs[0] - accs[1]) / math.sqrt(2)

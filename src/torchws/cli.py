@@ -52,7 +52,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     smoothness = args.smoothness if args.smoothness != "none" else None
     result = write_report(args.results, args.out, args.figures, smoothness=smoothness, title=args.title,
-                          notes=args.notes)  # fmt: skip
+                          notes=args.notes, runs_dir=args.runs_dir)  # fmt: skip
     verdicts = ", ".join(f"({k}) {v}" for k, v in result["verdicts"].items())
     print(f"wrote {args.out} ({'complete' if result['complete'] else 'partial'}): {verdicts}")
     return 0
@@ -80,6 +80,8 @@ def _add_report_parsers(verbs: argparse._SubParsersAction) -> None:
                         "scripts/smoothness.py for claim (vi); 'none' to leave the claim out")  # fmt: skip
     report.add_argument("--title", default=None)
     report.add_argument("--notes", default=None, help="Markdown file inserted after the protocol")
+    report.add_argument("--runs-dir", default=None, help="the sweep's run dirs (OUT/runs): also analyze the final "
+                        "checkpoints at 2 images per step")  # fmt: skip
     report.set_defaults(func=_cmd_report)
     analyze = verbs.add_parser("analyze", help="gradient identity, kept fraction and loss-landscape probes of a "
                                "checkpoint written by `torchws train`")  # fmt: skip

@@ -18,6 +18,7 @@ from .results import read_results
 from .selection import search_accuracies, search_decision, search_ladder
 from .stats import ALPHA, MATCH_MARGIN, mean_std
 from .texts import caveats, protocol_text
+from .trained_smoothness import measure_trained, trained_smoothness_table
 from .verdicts import COLLAPSE_POINTS, Verdict, claim_verdicts, smoothness_verdict
 
 __all__ = ["CURVE_BATCH", "grid_cells", "write_report"]
@@ -164,13 +165,35 @@ def _figures(records: Sequence[dict[str, Any]], cells: dict, figures_dir: Path, 
     return out
 
 
+def _trained_section(records: Sequence[dict[str, Any]], runs_dir: str | os.PathLike | None, plan: dict,
+                     protocol: dict) -> list[str]:  # fmt: skip
+    if runs_dir is None:
+        return []
+    images = min(64, protocol["train_images"] or 64)
+    rows = measure_trained(records, runs_dir, CURVE_BATCH, images)
+    if not rows:
+        return [f"## Smoothness of the trained models at {CURVE_BATCH} images per step", "",
+                f"No final checkpoint at {CURVE_BATCH} images per step under {runs_dir} yet.", ""]  # fmt: skip
+    return [
+        f"## Smoothness of the trained models at {CURVE_BATCH} images per step", "",
+        f"`torchws analyze` on each run's final checkpoint: {images} training images in micro-batches of "
+        f"{CURVE_BATCH}, train mode; probe steps 0.05-0.4; kept fraction and ||dL/dW|| / ||dL/dW_hat|| averaged over "
+        "the WS layers. Mean ± std over seeds. Measured at the end of training, where the runs stand at different "
+        "losses, so this describes the trained models, not the claim (vi) verdict.", "",
+        trained_smoothness_table(rows, plan["setups"]), "",
+    ]  # fmt: skip
+
+
 def write_report(results: str | os.PathLike, out: str | os.PathLike, figures_dir: str | os.PathLike, *,
                  smoothness: str | os.PathLike | None = None, title: str | None = None,
-                 notes: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
+                 notes: str | os.PathLike | None = None,
+                 runs_dir: str | os.PathLike | None = None) -> dict[str, Any]:  # fmt: skip
     """Write the Markdown report ``out`` and its figures; returns {"complete", "verdicts": {claim: status}}.
 
     smoothness: JSON of ``scripts/smoothness.py`` for claim (vi). notes: a Markdown file inserted after the protocol
-    (e.g. why the grid has its size)."""
+    (e.g. why the grid has its size). runs_dir: the sweep's run dirs; when given, ``torchws analyze`` measures the
+    final checkpoints at CURVE_BATCH images per step (a section of its own; the verdict on (vi) stays the one from
+    ``smoothness``)."""
     records = _latest(read_results(results))
     protocol, plan = records[0]["protocol"], _plan(records)
     cells = grid_cells(records)
@@ -205,6 +228,7 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike, figures_dir
         f"two-sided paired t-test gives p < {ALPHA:g}; otherwise `matches` when |mean| <= {MATCH_MARGIN:g} point, "
         f"else `inconclusive`. A BN collapse (iii) is `worse` by >= {COLLAPSE_POINTS:g} points.", "",
         _comparison_table(verdicts), "", "## Verdicts", "", _verdict_lines(verdicts), "",
+        *_trained_section(records, runs_dir, plan, protocol),
         "## What this setting may explain", "", caveats(protocol, _parameters(records)), "",
     ]  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
