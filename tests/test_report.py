@@ -175,6 +175,7 @@ def test_report_tables_protocol_first_and_partial(tmp_path):
     out = write_report(results, tmp_path / "docs/results.md", tmp_path / "docs/figures", smoothness=None)
     text = (tmp_path / "docs/results.md").read_text()
     assert out["complete"] is False and "PARTIAL RESULTS" in text
+    assert out["verdicts"]["vi"] == "not tested" and "no probe data given (--smoothness)" in text
     assert "8 of 12 grid runs and 10 lr-search runs are done (1 of 2 setups have their lr)" in text
     assert text.index("## Protocol") < text.index("## Final test accuracy")
     # GN+WS at 2: seeds 0, 1 give 73 and 75 -> mean 74.00, sample std 1.41

@@ -16,6 +16,7 @@ from pathlib import Path
 __all__ = ["main"]
 
 EXIT_USAGE = 2
+SMOOTHNESS_DATA = "docs/figures/smoothness.json"
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -50,7 +51,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from torchws.experiments.report import write_report
 
-    smoothness = args.smoothness if args.smoothness != "none" else None
+    smoothness = args.smoothness
+    if smoothness is None and Path(SMOOTHNESS_DATA).is_file():  # the repository's own probe data
+        smoothness = SMOOTHNESS_DATA
+    smoothness = None if smoothness == "none" else smoothness
     result = write_report(args.results, args.out, args.figures, smoothness=smoothness, title=args.title,
                           notes=args.notes, runs_dir=args.runs_dir)  # fmt: skip
     verdicts = ", ".join(f"({k}) {v}" for k, v in result["verdicts"].items())
@@ -76,8 +80,8 @@ def _add_report_parsers(verbs: argparse._SubParsersAction) -> None:
     report.add_argument("results", help="results file written by `torchws sweep` (JSON lines)")
     report.add_argument("--out", default="docs/results.md", help="Markdown file to write")
     report.add_argument("--figures", default="docs/figures", help="folder for the figures")
-    report.add_argument("--smoothness", default="docs/figures/smoothness.json", help="probe data of "
-                        "scripts/smoothness.py for claim (vi); 'none' to leave the claim out")  # fmt: skip
+    report.add_argument("--smoothness", default=None, help="probe data of scripts/smoothness.py for claim (vi) "
+                        f"(default: {SMOOTHNESS_DATA} when it exists); 'none' to leave the claim untested")  # fmt: skip
     report.add_argument("--title", default=None)
     report.add_argument("--notes", default=None, help="Markdown file inserted after the protocol")
     report.add_argument("--runs-dir", default=None, help="the sweep's run dirs (OUT/runs): also analyze the final "

@@ -19,7 +19,7 @@ from .selection import search_accuracies, search_decision, search_ladder
 from .stats import ALPHA, MATCH_MARGIN, mean_std
 from .texts import caveats, protocol_text
 from .trained_smoothness import measure_trained, trained_smoothness_table
-from .verdicts import COLLAPSE_POINTS, Verdict, claim_verdicts, smoothness_verdict
+from .verdicts import COLLAPSE_POINTS, SMOOTHNESS_CLAIM, Verdict, claim_verdicts, smoothness_verdict
 
 __all__ = ["CURVE_BATCH", "grid_cells", "write_report"]
 
@@ -204,6 +204,8 @@ def write_report(results: str | os.PathLike, out: str | os.PathLike, figures_dir
         except (OSError, ValueError) as e:
             raise ExperimentError(f"--smoothness {smoothness}: cannot read it as JSON ({e})") from None
         verdicts.append(smoothness_verdict(data, str(smoothness)))
+    else:
+        verdicts.append(Verdict("vi", SMOOTHNESS_CLAIM, "not tested", "no probe data given (--smoothness)"))
     try:
         extra = [Path(notes).read_text().strip(), ""] if notes is not None else []
     except OSError as e:

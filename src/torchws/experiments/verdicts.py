@@ -27,9 +27,10 @@ from typing import Any
 
 from .stats import ALPHA, MATCH_MARGIN, Paired, mean_std, paired
 
-__all__ = ["COLLAPSE_POINTS", "Verdict", "claim_verdicts", "smoothness_verdict"]
+__all__ = ["COLLAPSE_POINTS", "SMOOTHNESS_CLAIM", "Verdict", "claim_verdicts", "smoothness_verdict"]
 
 COLLAPSE_POINTS = 10.0
+SMOOTHNESS_CLAIM = "WS smooths the loss landscape (lower loss variation, gradient predictiveness, effective beta)"
 MIN_SEEDS = 2  # a comparison enters a verdict once both sides have this many common seeds
 Cells = Mapping[str, Mapping[int, Mapping[int, float]]]  # setup -> batch -> seed -> final test accuracy (%)
 LARGE, MICRO = (32, 64, 128), (1, 2)
@@ -145,7 +146,7 @@ def smoothness_verdict(data: Mapping[str, Any], source: str) -> Verdict:
     """Claim (vi) from the JSON ``scripts/smoothness.py`` writes (variants ``gn_ws_b2`` and ``gn_b2``)."""
     from scipy import stats
 
-    text = "WS smooths the loss landscape (lower loss variation, gradient predictiveness, effective beta)"
+    text = SMOOTHNESS_CLAIM
     metrics, rows, supported, majority = ("loss_range", "gradient_predictiveness", "effective_beta"), [], 0, 0
     for metric in metrics:
         pairs = _paired_probes(data["runs"], "gn_ws_b2", "gn_b2", metric)
