@@ -281,3 +281,15 @@ def test_a_run_dir_holding_another_lr_is_not_continued(tmp_path, capsys):
     assert main(argv) == 2
     assert f"{stale} holds a run with base lr 9.9, but the search now gives 0.4" in capsys.readouterr().err
     assert [r["kind"] for r in records_of(tmp_path / "o" / "results.jsonl")] == ["search"]  # the search run is kept
+
+
+def test_a_second_sweep_on_the_same_results_file_is_refused(tmp_path, capsys):
+    import fcntl
+
+    results = tmp_path / "results.jsonl"
+    with open(tmp_path / ".results.jsonl.lock", "w") as held:  # what a running sweep holds
+        fcntl.flock(held, fcntl.LOCK_EX)
+        code = main(["sweep", *TINY, "--setups", "gn", "--batches", "2", "--seeds", "0", "--search-lrs", "0.4",
+                     "--max-steps", "1", "--results", str(results), "--out-dir", str(tmp_path / "o")])  # fmt: skip
+    assert code == 2 and "another sweep is writing" in capsys.readouterr().err
+    assert not results.exists() and not (tmp_path / "o").exists()

@@ -10,6 +10,7 @@ SIGTERM / SIGINT stop the running trainers at a step boundary (they save ``last.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -19,8 +20,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +266,20 @@ def _load_existing(results_path: Path, spec: GridSpec, say: Callable[[str], None
     return records
 
 
+@contextmanager
+def _only_writer(results_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``.<results name>.lock`` next to the results file for the whole sweep: two sweeps
+    appending to one file would run and record the same runs twice."""
+    lock_path = results_path.with_name(f".{results_path.name}.lock")
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExperimentError(f"another sweep is writing {results_path} (it holds {lock_path}); wait for it or "
+                                  "stop it first") from None  # fmt: skip
+        yield
+
+
 def run_sweep(spec: GridSpec, results_path: str | os.PathLike, runs_dir: str | os.PathLike, *, jobs: int = 1,
               threads: int | None = None, command: str | None = None, echo: bool = True) -> dict[str, Any]:  # fmt: skip
     """Run every pending run of ``spec``; returns counts. Raises ExperimentError on bad input before any run starts
@@ -273,7 +289,15 @@ def run_sweep(spec: GridSpec, results_path: str | os.PathLike, runs_dir: str | o
     parameters = check_grid_fits(spec)
     results_path, runs_dir = Path(results_path), Path(runs_dir)
     results_path.parent.mkdir(parents=True, exist_ok=True)
-    records = _load_existing(results_path, spec, say)
+    with _only_writer(results_path):
+        _load_existing(results_path, spec, say)
+        return _sweep_locked(spec, results_path, runs_dir, jobs, threads, parameters, command, say)
+
+
+def _sweep_locked(spec: GridSpec, results_path: Path, runs_dir: Path, jobs: int, threads: int,
+                  parameters: dict[str, int], command: str | None,
+                  say: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+    """The sweep proper: the lr search, then the grid (the caller holds the results file's lock)."""
     commit, dirty = _commit()
     context = {"commit": commit, "dirty": dirty, "threads": threads, "jobs": jobs, "torch": torch.__version__,
                "python": platform.python_version(), "machine": platform.machine(),
