@@ -102,6 +102,8 @@ def _search_table(records: Sequence[dict[str, Any]], protocol: dict, plan: dict)
 
 
 def _comparison_table(verdicts: Sequence[Verdict]) -> str:
+    if not any(v.comparisons for v in verdicts):
+        return "No comparison has two common seeds yet."
     lines = ["| claim | comparison (A vs B) | seeds | A - B per seed | mean [95% CI] | p | outcome |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for v in verdicts:
