@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	# The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,triton,cpu,dev,test]'
+	$(BIN)/python -m pip install -q -e '.[train,cpu,dev,test]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -30,7 +30,7 @@ test: setup data
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
 
 bench: setup
-	$(BIN)/python benchmarks/bench_ws.py
+	$(BIN)/python benchmarks/bench_paths.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

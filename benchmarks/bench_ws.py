@@ -55,8 +55,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from peers import AuthorsWSConv2d, TimmStdConv2d, swap_convs  # noqa: E402
-
 from torchws.batched import BatchedWS, enable_batched_ws  # noqa: E402
+
 from torchws.functional import weight_standardize  # noqa: E402
 from torchws.layers.ws import WSConv2d, WSMixin  # noqa: E402
 

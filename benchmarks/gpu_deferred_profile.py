@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_ws import build_base, interleaved, make_variant, train_step_fn  # noqa: E402
-
 from torchws.batched import find_handle  # noqa: E402
 
 

@@ -84,7 +84,6 @@ def timm_style(weights, eps: float):
 def max_errors(weights, dtype, device) -> dict[str, dict[str, float]]:
     """Max abs error of outputs and of input/gain grads vs the float64 formulas, per mode."""
     import torch
-
     from torchws.kernels import multi_standardize
 
     gen = torch.Generator().manual_seed(1)
@@ -160,7 +159,6 @@ def host_ms(fn: Callable[[], object], device, reps: int) -> float:
 def build_cases(weights, dtype, blocks) -> dict[str, Callable[[], object]]:
     """The timed callables for one dtype (mode inside_sqrt, eps 1e-5, no gains)."""
     import torch
-
     from torchws.kernels import get_plan, multi_standardize
     from torchws.kernels.packing import pack
     from torchws.kernels.triton_ws import standardize_packed, standardize_packed_backward
@@ -240,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import triton
-
     from torchws.kernels import is_available
 
     device = torch.device(args.device)

@@ -159,6 +159,9 @@ def test_gradient_identity_on_a_layer_matches_independent_autograd() -> None:
     torch.testing.assert_close(check.rhs, want_rhs)
     assert check.max_relative_error() < 1e-7
     assert bool(((check.kept_fraction > 0) & (check.kept_fraction <= 1)).all())
+    torch.testing.assert_close(check.w_hat_grad_sq, (g * g).sum(1))
+    want_ratio = grad_w.norm() / grad_w_hat.norm()  # ||dL/dW|| / ||dL/dW_hat|| over the layer
+    assert check.grad_norm_ratio() == pytest.approx(float(want_ratio), rel=1e-9)
 
 
 def test_identity_with_gain_accumulation_and_default_eps() -> None:
@@ -199,3 +202,21 @@ def test_identity_errors() -> None:
     with pytest.raises(ValueError, match="holds no WS layer"):
         with track_standardized_grads(nn.Linear(2, 2)):
             pass
+
+
+def test_identity_pairs_elements_when_the_gradient_is_channels_last() -> None:
+    # conv backward may hand back dL/dW_hat in channels_last strides for a contiguous weight: the rows of g must still
+    # line up with the rows of W_hat element for element
+    torch.manual_seed(2)
+    layer = WSConv2d(3, 4, 3, padding=1, preset="bit", dtype=torch.float64)
+    x, y = torch.randn(2, 3, 5, 5, dtype=torch.float64), torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    with track_standardized_grads(layer):
+        ((layer(x) - y) ** 2).sum().backward()
+    _, _, grad_w_hat = _independent_grads(layer, x, y)
+    layer.weight.grad = None
+    ((layer(x) - y) ** 2).sum().backward()
+    plain = gradient_norm_identity(layer, grad_w_hat.contiguous())
+    strided = gradient_norm_identity(layer, grad_w_hat.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(strided.rhs, plain.rhs)
+    torch.testing.assert_close(strided.kept_fraction, plain.kept_fraction)
+    assert strided.max_relative_error() < 1e-7

@@ -58,11 +58,13 @@ def torchvision_keys(depths: tuple[int, ...], bottleneck: bool, *, bn: bool) -> 
 
 # --- registry --------------------------------------------------------------------------------------------------
 def test_registered_names():
-    archs = list(TORCHVISION_PARAMS) + [f"cifar_resnet{d}" for d in (18, 20, 32, 56, 110)]
-    expected = {f"{a}_{s}" for a in archs for s in ("bn", "gn", "gn_ws", "bcn_ws")}
+    archs = list(TORCHVISION_PARAMS) + [f"cifar_resnet{d}" for d in (8, 18, 20, 32, 56, 110)]
+    suffixes = ("bn", "gn", "gn_ws", "bcn_ws", "bn_ws", "ln_ws", "bcn_est_ws")
+    expected = {f"{a}_{s}" for a in archs for s in suffixes}
     assert set(list_models()) == expected
-    assert list_models("resnet50_*") == ["resnet50_bcn_ws", "resnet50_bn", "resnet50_gn", "resnet50_gn_ws"]
-    assert len(list_models("*_gn_ws")) == 12
+    assert list_models("resnet50_*") == ["resnet50_bcn_est_ws", "resnet50_bcn_ws", "resnet50_bn", "resnet50_bn_ws",
+                                         "resnet50_gn", "resnet50_gn_ws", "resnet50_ln_ws"]
+    assert len(list_models("*_gn_ws")) == 13
 
 
 def test_unknown_name_suggests_close_matches():
@@ -109,7 +111,8 @@ def test_resnet50_counts_all_variants_and_classes():
 
 def test_small_image_param_counts():
     # He et al. CIFAR ResNets with option-B shortcuts (two 1x1 projections: +2,752 over option A's 269,722)
-    expected = {20: 272_474, 32: 466_906, 56: 855_770, 110: 1_730_714}
+    # depth 8 by hand: stem 432 + 32, layer1 4,672, layer2 14,528 (with its 1x1 projection), layer3 57,728, fc 650
+    expected = {8: 78_042, 20: 272_474, 32: 466_906, 56: 855_770, 110: 1_730_714}
     for depth, count in expected.items():
         assert n_params(meta_model(f"cifar_resnet{depth}_gn_ws")) == count
     assert n_params(meta_model("cifar_resnet18_bn")) == 11_173_962
@@ -142,6 +145,37 @@ def test_gn_ws_layout():
     assert len(norms) == 53 and all(isinstance(m, nn.GroupNorm) and m.num_groups == 32 for m in norms)
     assert type(model.fc) is nn.Linear and not isinstance(model.fc, WSMixin)
     assert not any(isinstance(m, WSMixin) for m in meta_model("resnet50_gn").modules())
+
+
+def _norm_layers(model: nn.Module) -> list[nn.Module]:
+    # a BCN's inner `bn` is part of its norm layer, not one of the model's
+    leaves = [(n.split(".")[-1], n, m) for n, m in model.named_modules()]
+    return [m for leaf, n, m in leaves if (leaf.startswith("bn") and leaf != "bn") or n.endswith("downsample.1")]
+
+
+def test_bn_ws_ln_ws_bcn_est_ws_layouts():
+    from torchws.layers import BatchChannelNorm2d
+
+    for suffix, norm_type in (("bn_ws", nn.BatchNorm2d), ("ln_ws", nn.GroupNorm), ("bcn_est_ws", BatchChannelNorm2d)):
+        model = create_model(f"cifar_resnet8_{suffix}", in_chans=1)
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        assert len(convs) == 9 and all(isinstance(m, WSConv2d) for m in convs), suffix  # 7 3x3 + 2 projections
+        norms = _norm_layers(model)
+        assert len(norms) == 9 and all(type(m) is norm_type for m in norms), suffix
+    ln = _norm_layers(create_model("cifar_resnet8_ln_ws"))
+    assert all(m.num_groups == 1 and m.weight.shape == (m.num_channels,) for m in ln)  # LN: one group, per-channel
+    est = _norm_layers(create_model("cifar_resnet8_bcn_est_ws"))
+    assert all(m.estimate and m.num_groups == small_image_groups(m.num_channels) for m in est)
+    assert not any(m.estimate for m in _norm_layers(create_model("cifar_resnet8_bcn_ws")))
+    assert get_model_info("resnet50_ln_ws").norm == "ln" and get_model_info("resnet50_bcn_est_ws").norm == "bcn_est"
+
+
+def test_ln_ws_normalizes_each_sample_over_all_channels():
+    norm = make_norm_layer("ln")(6)
+    x = torch.randn(3, 6, 5, 5) * 4 + 2
+    flat = x.reshape(3, -1)  # reference: layer norm over (C, H, W) per sample, population variance, eps 1e-5
+    ref = ((flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, correction=0, keepdim=True) + 1e-5))
+    torch.testing.assert_close(norm(x), ref.reshape(x.shape), atol=1e-5, rtol=1e-5)
 
 
 def test_ws_preset_override():
@@ -204,8 +238,8 @@ def test_make_norm_layer_kinds():
     assert isinstance(gn, nn.GroupNorm) and (gn.num_groups, gn.num_channels) == (4, 8)
     assert all(isinstance(make_norm_layer(kind)(8), nn.Identity) for kind in ("none", "identity", "None"))
     assert make_norm_layer("gn", num_groups=small_image_groups)(16).num_groups == 8
-    with pytest.raises(ValueError, match="unknown kind 'ln'"):
-        make_norm_layer("ln")
+    with pytest.raises(ValueError, match="unknown kind 'in'"):
+        make_norm_layer("in")
 
 
 def test_group_norm_indivisible_names_counts():

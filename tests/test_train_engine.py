@@ -269,15 +269,14 @@ def test_imagefolder_bf16_channels_last(tmp_path):
                        model="resnet18_gn_ws"), echo=False)  # fmt: skip
 
 
-@pytest.mark.parametrize("backend,expected", [("off", None), ("auto", "auto"), ("torch", "torch"), ("numba", "numba")])
-def test_ws_backend_option_selects_the_model_level_pass(backend, expected):
+@pytest.mark.parametrize("backend,expected", [("off", None), ("auto", "numba"), ("torch", "torch"), ("numba", "numba")])
+def test_ws_backend_option_selects_the_engine_of_the_model_level_pass(tmp_path, backend, expected):
     from torchws.fast import find_handle
-    from torchws.train.config import TrainConfig
-    from torchws.train.inputs import build_model
 
-    model = build_model(TrainConfig(model="cifar_resnet20_gn_ws", ws_backend=backend), num_classes=10, channels=1)
-    handle = find_handle(model)
-    assert (handle.backend if handle else None) == expected
+    trainer = Trainer(tiny_cfg(tmp_path, ws_backend=backend, max_steps=1).validate(), DistInfo(), torch.device("cpu"),
+                      tiny_splits(), echo=False)  # fmt: skip
+    handle = find_handle(trainer.model)
+    assert (handle.engine.name if handle else None) == expected
 
 
 def test_an_unknown_backend_is_a_config_error(tmp_path):

@@ -3,7 +3,8 @@
 Two copies of one model train side by side for a few SGD steps (momentum, weight decay): one with the pass and the
 engine under test, one with every layer computing its own weight. Outputs, gradients and weights must agree at
 every step: bit for bit where the engine runs the layers' own ops (torch engine on a CPU), else to 1e-9 in float64
-(float32 rounding differences grow over SGD steps in so small a net; bf16 autocast runs in float32). The cuda_graph engine runs the same matrix on a GPU (marked ``gpu``).
+(float32 rounding differences grow over SGD steps in so small a net; bf16 autocast runs in float32). The
+cuda_graph engine runs the same matrix on a GPU (marked ``gpu``).
 """
 
 from __future__ import annotations

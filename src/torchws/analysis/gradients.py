@@ -47,11 +47,18 @@ class GradientNormIdentity:
         rhs: ``(O,)`` ``(||g_i||^2 - <1,g_i>^2/n - <W_hat_i,g_i>^2/n) / var(W_i)``, ``g = dL/dW_hat``.
         kept_fraction: ``(O,)`` ``rhs * var / ||g||^2`` in [0, 1]: the share of ``||g||^2`` that survives WS's
             projection (1 - kept_fraction is what the two subtracted terms remove); NaN where ``g`` is zero.
+        w_hat_grad_sq: ``(O,)`` ``||g_i||^2 = ||dL/dW_hat_i||^2``.
     """
 
     lhs: Tensor
     rhs: Tensor
     kept_fraction: Tensor
+    w_hat_grad_sq: Tensor
+
+    def grad_norm_ratio(self) -> float:
+        """``||dL/dW|| / ||dL/dW_hat||`` over the whole layer (autograd's ``dL/dW``); NaN where ``g`` is zero."""
+        g_sq = float(self.w_hat_grad_sq.sum())
+        return float(self.lhs.sum()) ** 0.5 / g_sq**0.5 if g_sq > 0 else float("nan")
 
     def max_relative_error(self) -> float:
         """``max_i |lhs_i - rhs_i| / max(|lhs_i|, tiny)``."""
@@ -150,9 +157,19 @@ def gradient_norm_identity(layer: nn.Module, w_hat_grad: Tensor | None = None) -
         g_sq = (g * g).sum(1)
         kept = g_sq - g.sum(1) ** 2 / n - (w_hat * g).sum(1) ** 2 / n
         lhs = _as_rows(layer, layer.weight.grad).pow(2).sum(1)  # type: ignore[union-attr]
-    return GradientNormIdentity(lhs=lhs, rhs=kept / var, kept_fraction=kept / g_sq)
+    return GradientNormIdentity(lhs=lhs, rhs=kept / var, kept_fraction=kept / g_sq, w_hat_grad_sq=g_sq)
 
 
 def _as_rows(layer: nn.Module, tensor: Tensor) -> Tensor:
-    """A weight-shaped tensor of ``layer`` as its ``(O, n)`` rows (same group-aware layout as ``ws_rows``)."""
+    """A weight-shaped tensor of ``layer`` as its ``(O, n)`` rows, element for element aligned with ``ws_rows``.
+
+    A gradient can come in another memory layout than the weight (conv backward often returns a channels_last
+    gradient for a contiguous weight); ``weight_to_rows`` reads channels_last rows in memory order, so the tensor is
+    first laid out like the weight, or ``<W_hat, g>`` would pair mismatched elements."""
+    weight = layer.weight  # type: ignore[attr-defined]
+    channels_last = {4: torch.channels_last, 5: torch.channels_last_3d}.get(weight.ndim)
+    if channels_last is not None and weight.is_contiguous(memory_format=channels_last) and not weight.is_contiguous():
+        tensor = tensor.contiguous(memory_format=channels_last)
+    else:
+        tensor = tensor.contiguous()
     return weight_to_rows(tensor, transposed=layer.ws_transposed, groups=layer.ws_groups)  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ from torch import nn
 
 __all__ = ["NORM_KINDS", "make_conv_layer", "make_group_norm", "make_norm_layer", "small_image_groups"]
 
-NORM_KINDS = ("bn", "gn", "bcn", "none", "identity")
+NORM_KINDS = ("bn", "gn", "ln", "bcn", "bcn_est", "none", "identity")
 
 GroupsArg = int | Callable[[int], int]
 
@@ -46,7 +46,9 @@ def make_group_norm(num_channels: int, *, num_groups: GroupsArg = 32, eps: float
     return nn.GroupNorm(groups, num_channels, eps=eps)
 
 
-def _make_batch_channel_norm(num_channels: int, *, num_groups: GroupsArg = 32, eps: float = 1e-5) -> nn.Module:
+def _make_batch_channel_norm(
+    num_channels: int, *, num_groups: GroupsArg = 32, eps: float = 1e-5, estimate: bool = False
+) -> nn.Module:
     # Imported lazily: bcn is an independent module and not every user needs it.
     from torchws.layers.bcn import BatchChannelNorm2d
 
@@ -56,7 +58,7 @@ def _make_batch_channel_norm(num_channels: int, *, num_groups: GroupsArg = 32, e
             f"BatchChannelNorm2d: num_groups={groups} does not divide num_channels={num_channels}; "
             f"pick a divisor of {num_channels}"
         )
-    return BatchChannelNorm2d(num_channels, num_groups=groups, eps=eps)
+    return BatchChannelNorm2d(num_channels, num_groups=groups, eps=eps, estimate=estimate)
 
 
 def _make_identity(num_channels: int) -> nn.Module:
@@ -64,18 +66,23 @@ def _make_identity(num_channels: int) -> nn.Module:
 
 
 def make_norm_layer(kind: str, *, num_groups: GroupsArg = 32, eps: float = 1e-5) -> Callable[[int], nn.Module]:
-    """Return `norm_layer(num_channels) -> nn.Module` for `kind` in "bn", "gn", "bcn", "none"/"identity".
+    """Return `norm_layer(num_channels) -> nn.Module` for `kind` in NORM_KINDS.
 
-    `num_groups` (gn, bcn) is an int or a rule `channels -> groups` such as `small_image_groups`. "bn" is
-    nn.BatchNorm2d, "gn" nn.GroupNorm, "bcn" torchws.layers.bcn.BatchChannelNorm2d, "none" nn.Identity.
+    `num_groups` (gn, bcn, bcn_est) is an int or a rule `channels -> groups` such as `small_image_groups`. "bn" is
+    nn.BatchNorm2d, "gn" nn.GroupNorm, "ln" nn.GroupNorm with one group (layer norm over (C, H, W) per sample with a
+    per-channel affine, the paper's LN for conv layers; `num_groups` is ignored), "bcn" BatchChannelNorm2d with batch
+    statistics, "bcn_est" BatchChannelNorm2d(estimate=True) (estimated statistics, the micro-batch mode), "none"
+    nn.Identity.
     """
     key = kind.lower()
     if key == "bn":
         return functools.partial(nn.BatchNorm2d, eps=eps)
     if key == "gn":
         return functools.partial(make_group_norm, num_groups=num_groups, eps=eps)
-    if key == "bcn":
-        return functools.partial(_make_batch_channel_norm, num_groups=num_groups, eps=eps)
+    if key == "ln":
+        return functools.partial(make_group_norm, num_groups=1, eps=eps)
+    if key in ("bcn", "bcn_est"):
+        return functools.partial(_make_batch_channel_norm, num_groups=num_groups, eps=eps, estimate=key == "bcn_est")
     if key in ("none", "identity"):
         return _make_identity
     raise ValueError(f"make_norm_layer: unknown kind {kind!r}; expected one of {', '.join(NORM_KINDS)}")

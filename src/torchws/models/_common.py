@@ -18,12 +18,16 @@ __all__ = [
     "resolve_layers",
 ]
 
-# model-name suffix -> (norm kind, WS convs)
+# model-name suffix -> (norm kind of torchws.layers.norms.make_norm_layer, WS convs). "ln_ws": GroupNorm with one
+# group; "bcn_est_ws": BCN with estimated batch statistics, the paper's micro-batch (1-2 images) setting.
 NORM_SUFFIXES: dict[str, tuple[str, bool]] = {
     "bn": ("bn", False),
     "gn": ("gn", False),
     "gn_ws": ("gn", True),
     "bcn_ws": ("bcn", True),
+    "bn_ws": ("bn", True),
+    "ln_ws": ("ln", True),
+    "bcn_est_ws": ("bcn_est", True),
 }
 
 

@@ -1,6 +1,6 @@
 """Small-image ResNets for 28x28 / 32x32 inputs (CIFAR-10/100, Fashion-MNIST with in_chans=1).
 
-- `cifar_resnet{20,32,56,110}_*`: He et al. 2016 (arXiv 1512.03385, sec. 4.2): 3x3 stem with 16 channels, three
+- `cifar_resnet{8,20,32,56,110}_*`: He et al. 2016 (arXiv 1512.03385, sec. 4.2): 3x3 stem with 16 channels, three
   stages of n BasicBlocks (16/32/64 channels, stride 1/2/2; depth = 6n + 2), global average pool, Linear.
   Shortcuts are option B: a 1x1 conv + norm where the shape changes (identity elsewhere), so every conv can be
   a WS conv. ResNet-20 has 272,474 parameters with BN and 10 classes (option A's zero padding would give 269,722).
@@ -146,7 +146,7 @@ def _small_builder(name: str, depth: int | None, norm: str, ws: bool) -> Callabl
 
 def _register_small_models() -> None:
     archs: dict[str, tuple[int | None, int, str]] = {
-        f"cifar_resnet{d}": (d, _cifar_params((d - 2) // 6), "cifar_resnet") for d in (20, 32, 56, 110)
+        f"cifar_resnet{d}": (d, _cifar_params((d - 2) // 6), "cifar_resnet") for d in (8, 20, 32, 56, 110)
     }
     # torchvision ResNet-18 (11,689,512) minus the 7x7 -> 3x3 stem (-7,680) and a 10-way fc (-507,870)
     archs["cifar_resnet18"] = (None, 11_173_962, "cifar_resnet18")
@@ -155,7 +155,7 @@ def _register_small_models() -> None:
             name = f"{arch}_{suffix}"
             register_model(
                 name, family=family, norm=norm, ws=ws, input_size=(3, 32, 32), num_classes=10,
-                reference_params=None if norm == "bcn" else params,
+                reference_params=None if norm.startswith("bcn") else params,
                 description=f"small-image {arch}, {norm.upper()}{' + WS' if ws else ''}",
             )(_small_builder(name, depth, norm, ws))
 

@@ -21,7 +21,8 @@ Builder = Callable[..., nn.Module]
 class ModelInfo:
     """What the registry knows about one model name.
 
-    family: "resnet", "resnext", "cifar_resnet" or "cifar_resnet18". norm: "bn", "gn" or "bcn"; ws: WS convs or not.
+    family: "resnet", "resnext", "cifar_resnet" or "cifar_resnet18". norm: "bn", "gn", "ln" (GroupNorm, one group),
+    "bcn" or "bcn_est" (BCN with estimated statistics); ws: WS convs or not.
     input_size: default (C, H, W). num_classes: default classifier width when create_model gets none.
     reference_params: parameter count at the default num_classes and in_chans for BN/GN variants (torchvision's
     numbers for the ImageNet families); None where no reference exists (BCN adds per-group affine parameters).

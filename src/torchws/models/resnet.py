@@ -253,7 +253,7 @@ def _register_imagenet_models() -> None:
                 name,
                 family="resnext" if arch.startswith("resnext") else "resnet",
                 norm=norm, ws=ws, input_size=(3, 224, 224), num_classes=1000,
-                reference_params=None if norm == "bcn" else params,
+                reference_params=None if norm.startswith("bcn") else params,
                 official_checkpoint=released.get(suffix),
                 description=f"ImageNet {arch}, {norm.upper()}{' + WS' if ws else ''}",
             )(_imagenet_builder(name, arch, norm, ws))
