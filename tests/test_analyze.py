@@ -13,6 +13,7 @@ from torchws.cli import main
 from torchws.experiments.analyze import analyze_checkpoint, rebuild
 from torchws.models import create_model
 from torchws.train import TrainConfig, train
+from torchws.train.checkpoint import save_checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -84,12 +85,12 @@ def test_cli_table_json_and_a_model_without_ws(tmp_path, capsys):
 def test_bad_checkpoints_exit_2_with_one_line(tmp_path, capsys):
     checkpoint = trained(tmp_path, "cifar_resnet8_gn")
     state = torch.load(checkpoint, weights_only=True)
-    del state["config"]
-    torch.save(state, tmp_path / "no_config.pt")
+    del state["config"], state["checksum"]
+    save_checkpoint(state, tmp_path / "no_config.pt")  # a consistent file, but without the config
     cases = {str(tmp_path / "no_config.pt"): "holds no config with the model and dataset to rebuild its model",
              str(tmp_path / "missing.pt"): "does not exist"}  # fmt: skip
     (tmp_path / "torn.pt").write_bytes(open(checkpoint, "rb").read()[:500])
-    cases[str(tmp_path / "torn.pt")] = "is unreadable (truncated or corrupt?)"
+    cases[str(tmp_path / "torn.pt")] = "is unreadable (truncated, corrupt or not a checkpoint)"
     for path, message in cases.items():
         assert main(["analyze", path]) == 2
         err = capsys.readouterr().err

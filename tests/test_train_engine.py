@@ -12,7 +12,7 @@ import torch
 
 from torchws.data import TensorSplits
 from torchws.layers import WSConv2d
-from torchws.models import list_models, register_model, registry
+from torchws.models import list_models, register_model, unregister_model
 from torchws.train import CheckpointError, ConfigError, RunDirError, TrainConfig, atomic_save, load_checkpoint, train
 from torchws.train.checkpoint import capture_rng, restore_rng
 from torchws.train.distributed import DistInfo
@@ -50,7 +50,7 @@ def registered_test_models():
                        num_classes=4)(tiny_ws_dropout_net)  # fmt: skip
     yield
     if added:
-        registry._REGISTRY.pop(DROPOUT_MODEL)  # no public way to unregister: tests only
+        unregister_model(DROPOUT_MODEL)
 
 
 def tiny_splits(n_train: int = 48, n_test: int = 24, size: int = 8, seed: int = 0) -> TensorSplits:

@@ -60,7 +60,7 @@ def rebuild(path: str | os.PathLike, *, data_dir: str | None = None, batch: int 
                               data_dir=data_dir or saved.data_dir, seed=saved.seed if seed is None else seed)
     inputs = build_inputs(cfg.validate(), DistInfo(), torch.device("cpu"))
     model = build_model(cfg, inputs.num_classes, inputs.channels)
-    restore_model(model, state["model"], path, saved.model)
+    restore_model(model, state, path)
     inputs.train.set_epoch(0)  # type: ignore[attr-defined]
     images, labels = next(iter(inputs.train))  # type: ignore[call-overload]
     return model, (images, labels), saved

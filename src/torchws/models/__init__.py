@@ -16,7 +16,14 @@ from torchws.models.official import (
     official_checkpoint_name,
     read_official_state_dict,
 )
-from torchws.models.registry import ModelInfo, create_model, get_model_info, list_models, register_model
+from torchws.models.registry import (
+    ModelInfo,
+    create_model,
+    get_model_info,
+    list_models,
+    register_model,
+    unregister_model,
+)
 from torchws.models.resnet import BasicBlock, Bottleneck, ResNet
 
 __all__ = [
@@ -36,4 +43,5 @@ __all__ = [
     "official_checkpoint_name",
     "read_official_state_dict",
     "register_model",
+    "unregister_model",
 ]

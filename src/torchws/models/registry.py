@@ -12,7 +12,7 @@ from torch import nn
 
 from torchws.fast import auto_enable
 
-__all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model"]
+__all__ = ["ModelInfo", "create_model", "get_model_info", "list_models", "register_model", "unregister_model"]
 
 Builder = Callable[..., nn.Module]
 
@@ -61,6 +61,14 @@ def register_model(name: str | None = None, **metadata: object) -> Callable[[Bui
         return builder
 
     return decorate
+
+
+def unregister_model(name: str) -> ModelInfo:
+    """Remove ``name`` from the registry (a model registered for one run or test) and return its ModelInfo; unknown
+    names raise ValueError as in :func:`get_model_info`."""
+    info = get_model_info(name)
+    del _REGISTRY[name]
+    return info
 
 
 def list_models(pattern: str = "*") -> list[str]:
