@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train_engine import one_thread  # noqa: F401 (the autouse fixture, shared)
 from torch.func import functional_call
 
 from torchws.cli import main
@@ -14,14 +15,6 @@ from torchws.experiments.analyze import analyze_checkpoint, rebuild
 from torchws.models import create_model
 from torchws.train import TrainConfig, train
 from torchws.train.checkpoint import save_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def trained(tmp_path, model: str) -> str:

@@ -40,12 +40,7 @@ def plot_accuracy_vs_batch(cells: Mapping[str, Mapping[int, Mapping[int, float]]
     ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_learning_curves(histories: Mapping[str, Sequence[Sequence[dict[str, Any]]]], path: str | os.PathLike,
@@ -68,6 +63,10 @@ def plot_learning_curves(histories: Mapping[str, Sequence[Sequence[dict[str, Any
         ax.grid(True, alpha=0.3)
     acc_ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
+    return _save(plt, fig, path)
+
+
+def _save(plt: Any, fig: Any, path: str | os.PathLike) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
