@@ -142,7 +142,8 @@ def trainer_pair(args, model: str, out_dir: str) -> float:
     """img/s of one ``torchws train`` run (path (b): the CLI end to end, data loading and all)."""
     cmd = [sys.executable, "-m", "torchws", "train", "--dataset", "fashion_mnist", "--model", model,
            "--batch-size", str(args.trainer_batch), "--epochs", "1", "--max-train-images", str(args.trainer_images),
-           "--out-dir", out_dir, "--overwrite", "--seed", "0", "--threads", str(args.threads)]  # fmt: skip
+           "--max-eval-images", "1000", "--out-dir", out_dir, "--overwrite", "--seed", "0",
+           "--threads", str(args.threads)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=True)
     rates = re.findall(r"([0-9.]+) img/s", done.stdout + done.stderr)
     if not rates:
