@@ -147,7 +147,7 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, model):
     assert_same_optimizer_state(straight.optimizer.state_dict(), resumed.optimizer.state_dict())
 
 
-def test_same_params_helpers_catch_missing_keys_and_differences():
+def test_same_params_checks_catch_missing_keys_and_differences():
     a = torch.nn.Linear(2, 2)
     b = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
     with pytest.raises(AssertionError, match="different keys"):

@@ -95,15 +95,15 @@ def straight(tmp_path_factory, data_dir) -> torch.nn.Module:
 
 
 def start_child(tmp_path: Path, pause_at: int, args: list[str], env: dict[str, str] | None = None,
-                name: str = "ready", new_session: bool = False) -> tuple[subprocess.Popen, Path]:  # fmt: skip
-    """new_session: the child leads a process group of its own (its pid is the group id), as under a scheduler."""
+                name: str = "ready", own_group: bool = False) -> tuple[subprocess.Popen, Path]:  # fmt: skip
+    """own_group: the child leads a process group of its own (its pid is the group id), as under a scheduler."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     ready = tmp_path / name
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, str(script), str(ready), str(pause_at), *args]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=new_session)  # fmt: skip
+                             start_new_session=own_group)  # fmt: skip
     return child, ready
 
 
@@ -255,7 +255,7 @@ def test_a_signal_to_the_process_group_leaves_dataloader_workers_running(tmp_pat
                    workers=2, epochs=1)  # fmt: skip
     save_config(cfg, tmp_path / "recipe.yaml")
     # at step 2 both workers have delivered a batch (in order: worker 0, then 1), so both are past their init
-    child, ready = start_child(tmp_path, 2, ["--config", str(tmp_path / "recipe.yaml")], new_session=True)
+    child, ready = start_child(tmp_path, 2, ["--config", str(tmp_path / "recipe.yaml")], own_group=True)
     try:
         wait_for(ready, [child])
         os.killpg(child.pid, signum)
