@@ -103,7 +103,7 @@ def start_child(tmp_path: Path, pause_at: int, args: list[str], env: dict[str, s
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     command = [sys.executable, str(script), str(ready), str(pause_at), *args]
     child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                             start_new_session=own_group)  # fmt: skip
+                             process_group=0 if own_group else None)  # fmt: skip
     return child, ready
 
 
@@ -389,7 +389,7 @@ def test_a_stuck_dataloader_worker_cannot_hang_the_exit(tmp_path):
     save_config(cfg, tmp_path / "recipe.yaml")
     started = time.monotonic()
     child = subprocess.Popen([sys.executable, str(script), "--config", str(tmp_path / "recipe.yaml")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     try:
         _, err = child.communicate(timeout=TIMEOUT)
