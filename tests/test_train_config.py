@@ -93,6 +93,19 @@ def test_saved_config_round_trip(tmp_path):
         TrainConfig.from_dict({"bogus": 1}, "ckpt")
 
 
+def test_a_retired_key_loads_from_a_saved_config_and_is_refused_in_a_hand_written_one(tmp_path):
+    """``ws_deferred`` was written by earlier versions into every config.yaml and checkpoint: those still load (a run
+    of an earlier version resumes, a checkpoint is analyzed); a --config file that sets it names the key and why."""
+    saved = {**TrainConfig(model="cifar_resnet20_gn").to_dict(), "ws_deferred": True}
+    assert TrainConfig.from_dict(saved) == TrainConfig(model="cifar_resnet20_gn")
+    path = tmp_path / "old.yaml"
+    path.write_text("model: cifar_resnet20_gn\nws_deferred: true\n")
+    assert load_yaml(path, saved=True) == {"model": "cifar_resnet20_gn"}
+    with pytest.raises(ConfigError, match=r"old\.yaml: key 'ws_deferred' is no longer used \(the deferred WS backward "
+                       r"was removed; --ws-backend picks the engine of the WS pass\); remove it"):
+        load_yaml(path)
+
+
 def test_linear_lr_scaling():
     assert scaled_lr(0.1, 32, 1, 8, 256) == pytest.approx(0.1)
     assert scaled_lr(0.1, 1, 1, 8, 256) == pytest.approx(0.1 / 32)

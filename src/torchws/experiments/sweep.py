@@ -159,8 +159,9 @@ def _read_summary(run_dir: Path) -> dict[str, Any] | None:
 def _check_same_run(config_path: Path, cfg: TrainConfig) -> None:
     """A run dir left by an earlier sweep must hold this very run (the lr is what could differ: a setup's searched lr
     changes only if its search runs were redone with other results)."""
-    if config_path.exists() and load_yaml(config_path).get("lr") != cfg.lr:
-        raise ExperimentError(f"{config_path.parent} holds a run with base lr {load_yaml(config_path).get('lr')}, but "
+    saved_lr = load_yaml(config_path, saved=True).get("lr") if config_path.exists() else cfg.lr
+    if saved_lr != cfg.lr:
+        raise ExperimentError(f"{config_path.parent} holds a run with base lr {saved_lr}, but "
                               f"the search now gives {cfg.lr}; move that run dir away to train it again")  # fmt: skip
 
 

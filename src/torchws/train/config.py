@@ -130,8 +130,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "<dict>") -> TrainConfig:
-        """Build from a dict of field values (e.g. a saved config); unknown keys raise ConfigError."""
-        return dataclasses.replace(cls(), **_coerce_mapping(values, source)).validate()
+        """Build from a saved config (a run's config.yaml, a checkpoint's ``config``); unknown keys raise ConfigError,
+        keys of earlier versions (:data:`RETIRED_KEYS`) are dropped."""
+        return dataclasses.replace(cls(), **_coerce_mapping(values, source, saved=True)).validate()
 
 
 def _flag(name: str) -> str:
@@ -174,19 +175,31 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         raise ConfigError(f"{source}: key '{name}' has invalid value {value!r} ({e})") from None
 
 
-def _coerce_mapping(values: dict[str, Any], source: str) -> dict[str, Any]:
+# keys that earlier versions wrote into config.yaml and checkpoints, and why they are gone: a saved config that holds
+# one still loads (the key is dropped); a config file written by hand that sets one is refused, naming the reason
+RETIRED_KEYS = {
+    "ws_deferred": "the deferred WS backward was removed; --ws-backend picks the engine of the WS pass",
+}
+
+
+def _coerce_mapping(values: dict[str, Any], source: str, saved: bool = False) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in RETIRED_KEYS:
+            if saved:
+                continue
+            raise ConfigError(f"{source}: key '{key}' is no longer used ({RETIRED_KEYS[name]}); remove it")
         if name not in known:
             raise ConfigError(f"{source}: unknown key '{key}' (valid keys: {', '.join(sorted(known))})")
         out[name] = _coerce(name, value, source)
     return out
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML config file into field values (checked and converted); raises ConfigError on any problem."""
+def load_yaml(path: str | os.PathLike, saved: bool = False) -> dict[str, Any]:
+    """Read a YAML config file into field values (checked and converted); raises ConfigError on any problem.
+    ``saved``: the file is a run's own config.yaml, whose keys of earlier versions are dropped."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -204,7 +217,7 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of keys to values, got {type(data).__name__}")
-    return _coerce_mapping(data, str(path))
+    return _coerce_mapping(data, str(path), saved)
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> None:

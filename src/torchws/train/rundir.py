@@ -126,7 +126,7 @@ def _killed_before_first_checkpoint(cfg: TrainConfig, run_dir: Path, existing: l
         return False
     try:
         path = run_dir / "config.yaml"
-        saved = TrainConfig.from_dict(load_yaml(path), str(path)).to_dict()
+        saved = TrainConfig.from_dict(load_yaml(path, saved=True), str(path)).to_dict()
     except ConfigError:
         return False
     now = cfg.to_dict()
