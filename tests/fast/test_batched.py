@@ -514,3 +514,26 @@ def test_enabling_again_with_an_engine_that_cannot_run_keeps_the_current_one(mix
     model.c1.weight = nn.Parameter(model.c1.weight.detach().clone())  # stale plan: selected again, still numba
     model(torch.randn(1, 3, 8, 8))
     assert handle.engine.name == "numba" and handle.engine is not engine
+
+
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_warm_up_writes_no_gradient_and_changes_no_step(mixed_pair, backprop, backend):
+    """``warm_up`` runs the pass forward and backward once (the engine's one-time set-up): no ``.grad`` appears, and
+    the next forward and backward are bit for bit those of a pass that was not warmed up."""
+    if backend == "numba" and numba_engine.numba_status() is not None:
+        pytest.skip(f"needs numba: {numba_engine.numba_status()}")
+    ref, model = mixed_pair()
+    ref_handle, handle = enable_batched_ws(ref, backend=backend), enable_batched_ws(model, backend=backend)
+    model.c1.weight.requires_grad_(False)
+    ref.c1.weight.requires_grad_(False)  # (frozen weights are skipped)
+    handle.warm_up()
+    assert all(p.grad is None for p in model.parameters())
+    assert ref_handle.engine.name == handle.engine.name == backend
+    x = torch.randn(2, 3, 8, 8)
+    y_ref, g_ref = backprop(ref, x)
+    y, g = backprop(model, x)
+    assert torch.equal(y, y_ref)
+    assert g.keys() == g_ref.keys()
+    for name in g:
+        assert (g[name] is None) == (g_ref[name] is None), name
+        assert g[name] is None or torch.equal(g[name], g_ref[name]), name

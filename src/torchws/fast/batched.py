@@ -117,6 +117,17 @@ class BatchedWS:
             self.refresh()
         return self.engine()
 
+    def warm_up(self) -> None:
+        """Run the pass once forward and backward, on zero gradients, so that the engine's one-time set-up (numba's
+        import and kernel load, about 0.4 s; the CUDA graphs' capture) happens now rather than in the first training
+        step. Nothing else changes: no ``.grad`` is written and nothing is kept for a later forward."""
+        with torch.enable_grad():
+            out = self.standardize()
+            pairs = [(m.weight, w) for m, w in out.items() if w.requires_grad and m.weight.requires_grad]
+            if pairs:
+                weights, ys = zip(*pairs)
+                torch.autograd.grad(ys, weights, [torch.zeros_like(y) for y in ys], allow_unused=True)
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Inside the block the hooks do nothing (the layers take their weights from elsewhere, or compute them)."""

@@ -109,9 +109,11 @@ def _enable_ws_pass(model: nn.Module, backend: str) -> None:
     if backend == "off":
         return
     try:
-        auto_enable(model, backend=backend)
+        handle = auto_enable(model, backend=backend)
     except (ValueError, RuntimeError) as e:
         raise ConfigError(f"--ws-backend {backend}: {e}") from None
+    if handle is not None:
+        handle.warm_up()  # the engine's one-time set-up belongs to start-up, not to the first step's time
 
 
 class Trainer:
