@@ -8,7 +8,15 @@ import torch
 from torch import nn
 
 from torchws.fast import enable_batched_ws, find_handle
-from torchws.fast.engines.cuda_graph import GraphedPass, _contiguous_likes, _dense_strides, graph_signature
+from torchws.fast.engines.cuda_graph import (
+    CudaGraphEngine,
+    GraphedPass,
+    _contiguous_likes,
+    _dense_strides,
+    graph_signature,
+)
+from torchws.fast.engines.torch import TorchEngine
+from torchws.fast.plan import Plan
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -91,10 +99,27 @@ def _sgd_steps_match(ref: nn.Module, model: nn.Module, steps: int = 4, channels_
             torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.filterwarnings("error:The AccumulateGrad node's stream:UserWarning")  # no cross-stream gradients
+def test_the_captured_function_maps_gains_and_shifts_to_their_layers(mixed_pair):
+    """What the engine captures, run on the plan's tensors (weights, then each layer's gain and shift in layer order),
+    equals the torch engine on the layers' own parameters: every gain and shift reaches its own layer."""
+    _, model = mixed_pair(torch.float64)
+    with torch.no_grad():
+        for m in model.modules():
+            for p in (getattr(m, "gain", None), getattr(m, "shift", None)):
+                if isinstance(p, torch.Tensor):
+                    p.copy_(torch.randn_like(p))  # distinct values: a gain read as another layer's shift shows
+    plan = Plan(model)
+    assert any(m.gain is not None for m in plan.layers) and any(m.shift is not None for m in plan.layers)
+    got = CudaGraphEngine(plan)._run_on(plan.tensors())
+    want = TorchEngine(plan, concat=True)()
+    for m, w in zip(plan.layers, got):
+        torch.testing.assert_close(w, want[m], rtol=1e-12, atol=1e-12)
+
+
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.filterwarnings("error:The AccumulateGrad node's stream:UserWarning")  # no cross-stream gradients
 def test_engine_matches_per_layer_over_sgd_steps(mixed_pair, channels_last):
     ref, model = mixed_pair()
     ref, model = ref.cuda(), model.cuda()

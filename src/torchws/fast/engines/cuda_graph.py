@@ -194,9 +194,13 @@ class CudaGraphEngine:
         """The torch engine on ``tensors`` (:meth:`Plan.tensors` order) instead of the layers' own parameters."""
         layers = self.plan.layers
         by_layer = dict(zip(layers, tensors))
-        extra = iter(tensors[len(layers):])
-        gains = {m: next(extra) for m in layers if m.gain is not None}
-        shifts = {m: next(extra) for m in layers if m.shift is not None}
+        extra = iter(tensors[len(layers):])  # each layer's gain, then its shift, where present (Plan.tensors)
+        gains, shifts = {}, {}
+        for m in layers:
+            if m.gain is not None:
+                gains[m] = next(extra)
+            if m.shift is not None:
+                shifts[m] = next(extra)
         out = {}
         for g in self.plan.groups:
             ls = g.layers
