@@ -31,6 +31,7 @@ from torch import Tensor
 from torchws.fast.engines.torch import standardize_group
 from torchws.fast.plan import Plan, dense_rows
 from torchws.functional import rows_to_weight, standardize_rows, weight_to_rows
+from torchws.presets import Preset, get_preset
 
 __all__ = ["NumbaEngine", "multi_standardize", "numba_status", "qualifies"]
 
@@ -115,8 +116,6 @@ class _MultiWS(torch.autograd.Function):
 def _grads_with_graph(ctx, weights, grads) -> list[Tensor | None]:
     """The torch formula on the saved weights, differentiated by autograd (with a graph when grad mode is on)."""
     launch = ctx.launch
-    from torchws.presets import Preset
-
     preset = Preset("numba-engine", launch.variance, launch.eps, launch.placement)
     needs = [need and g is not None for need, g in zip(ctx.needs_input_grad[1:], grads)]
     pairs = [(w, g) for w, g, need in zip(weights, grads, needs) if need]
@@ -160,8 +159,6 @@ class NumbaEngine:
 def multi_standardize(weights: list[Tensor], *, preset, eps: float | None = None) -> list[Tensor]:
     """Standardize every row (dim 0) of every weight with the numbers of ``preset`` in one kernel call forward and
     one backward (autograd-aware); the weights are CPU float32/float64 tensors of one dtype with dense rows."""
-    from torchws.presets import get_preset
-
     p = get_preset(preset)
     if not weights:
         return []
