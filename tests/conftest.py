@@ -97,3 +97,25 @@ def assert_grads_close():
                                            msg=lambda m, n=name: f"grad of {n}: {m}")  # fmt: skip
 
     return check
+
+
+@pytest.fixture(scope="session")
+def gloo_group(tmp_path_factory):
+    """A single-process gloo group (rank 0 of 1) for wrapping models in DistributedDataParallel, created once and
+    destroyed when the session ends.
+
+    Destroying a gloo group right after a DDP backward can deadlock (torch 2.13): each backward keeps a Python object
+    in its thread state, the group's worker thread needs the GIL to free the all-reduce that captured it, and the
+    group's destructor joins that thread while the main thread holds the GIL (about 1 run in 10 of the DDP tests
+    hung there). The group lives until the session ends, and before it is destroyed the main thread gives up the GIL
+    for a moment, so that a worker still freeing the last test's all-reduce can finish.
+    """
+    import time
+
+    import torch.distributed as dist
+
+    store = tmp_path_factory.mktemp("gloo") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield dist.group.WORLD
+    time.sleep(0.2)
+    dist.destroy_process_group()

@@ -173,51 +173,39 @@ def test_frozen_weights_get_no_gradient(mixed_pair):
     assert model.c1.weight.grad is None and model.c2.weight.grad is not None
 
 
-def test_ddp_without_steps_raises(mixed_pair, tmp_path):
+def test_ddp_without_steps_raises(mixed_pair, gloo_group):
     # without steps the WS gradients are pushed on exit, outside DDP's backward: they would miss the all-reduce
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        _, model = mixed_pair()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        with pytest.raises(ValueError, match="wrapped in DistributedDataParallel; pass steps=<micro-batches>"):
-            ws_accumulation(ddp)
-        assert ws_accumulation(ddp, steps=2).root is model  # unwrapped
-    finally:
-        dist.destroy_process_group()
+    _, model = mixed_pair()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    with pytest.raises(ValueError, match="wrapped in DistributedDataParallel; pass steps=<micro-batches>"):
+        ws_accumulation(ddp)
+    assert ws_accumulation(ddp, steps=2).root is model  # unwrapped
 
 
-def test_ddp_no_sync_with_steps_over_sgd_steps(mixed_pair, tmp_path):
+def test_ddp_no_sync_with_steps_over_sgd_steps(mixed_pair, gloo_group):
     # the usual no_sync pattern: the last micro-batch's backward carries every WS gradient into DDP's all-reduce
     import contextlib
 
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        ref, model = mixed_pair()
-        enable_batched_ws(model)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        k = 3
-        for _ in range(2):  # a second iteration catches reductions DDP did not finish in the first
-            mbs = _micro_batches(k)
-            opt_ref.zero_grad()
-            opt.zero_grad()
-            for x in mbs:
-                (ref(x).square().mean() / k).backward()
-            with ws_accumulation(ddp, steps=k):
-                for i, x in enumerate(mbs):
-                    with ddp.no_sync() if i < k - 1 else contextlib.nullcontext():
-                        (ddp(x).square().mean() / k).backward()
-            for (n, p), q in zip(ref.named_parameters(), model.parameters()):
-                torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
-            opt_ref.step()
-            opt.step()
-    finally:
-        dist.destroy_process_group()
+    ref, model = mixed_pair()
+    enable_batched_ws(model)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=0.1)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    k = 3
+    for _ in range(2):  # a second iteration catches reductions DDP did not finish in the first
+        mbs = _micro_batches(k)
+        opt_ref.zero_grad()
+        opt.zero_grad()
+        for x in mbs:
+            (ref(x).square().mean() / k).backward()
+        with ws_accumulation(ddp, steps=k):
+            for i, x in enumerate(mbs):
+                with ddp.no_sync() if i < k - 1 else contextlib.nullcontext():
+                    (ddp(x).square().mean() / k).backward()
+        for (n, p), q in zip(ref.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=lambda m, n=n: f"{n}: {m}")
+        opt_ref.step()
+        opt.step()
 
 
 def test_compiled_wrapper_is_unwrapped(mixed_pair):

@@ -129,17 +129,6 @@ def _train(model: nn.Module, feature: str, steps: int = 3, forward=None, device:
     return outs
 
 
-@contextlib.contextmanager
-def _ddp(model: nn.Module, tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        yield nn.parallel.DistributedDataParallel(model)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture
 def cache_hits(monkeypatch) -> list[int]:
     """How many times a layer's forward took its weight from a cache (a pass or accumulation) rather than
@@ -158,7 +147,7 @@ def cache_hits(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("feature", FEATURES)
 @pytest.mark.parametrize("engine", CPU_ENGINES)
-def test_engine_matches_per_layer(engine, feature, tmp_path, cache_hits):
+def test_engine_matches_per_layer(engine, feature, cache_hits, request):
     ckpt = {"checkpoint": "non_reentrant", "checkpoint_reentrant": "reentrant"}.get(feature)
     ref, model = _pair(engine, ckpt, torch.float32 if feature == "autocast_bf16" else torch.float64)
     handle = find_handle(model)
@@ -178,8 +167,8 @@ def test_engine_matches_per_layer(engine, feature, tmp_path, cache_hits):
         outs = _train(model, feature, forward=torch.compile(model, backend="aot_eager"))
     elif feature == "ddp":
         outs_ref = _train(ref, feature)
-        with _ddp(model, tmp_path) as ddp:
-            outs = _train(model, feature, forward=ddp)
+        request.getfixturevalue("gloo_group")
+        outs = _train(model, feature, forward=nn.parallel.DistributedDataParallel(model))
     else:
         outs_ref = _train(ref, feature)
         before = cache_hits[0]
