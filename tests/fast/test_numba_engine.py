@@ -3,8 +3,13 @@ in a model's pass against the per-layer path (the layers computing their own wei
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
+import os
+import signal
+import threading
+import time
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from torchws.fast import enable_batched_ws, find_handle
+from torchws.fast.engines import numba as numba_engine
 from torchws.fast.engines.numba import multi_standardize, numba_status
 from torchws.functional import standardize_rows
 from torchws.layers.ws import WSConv1d, WSConv2d, WSConv3d, WSLinear
@@ -312,3 +318,120 @@ def test_backward_after_an_optimizer_step_raises_in_a_model(mixed_pair):
             m.c1.weight.add_(0.1)  # what a non-fused SGD step does
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.sum().backward()
+
+
+# --- the kernels on numba's threads -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The names of the kernels that ran, in order; every launch may split (one element per chunk at least)."""
+    from torchws.fast.engines import numba_kernels
+
+    calls: list[str] = []
+
+    def spy(name):
+        kernel = getattr(numba_kernels, name)
+
+        def run(*args):
+            calls.append(name)
+            return kernel(*args)
+
+        return run
+
+    names = ("forward", "backward", "forward_parallel", "backward_parallel")
+    monkeypatch.setattr(numba_engine, "_kernels", lambda: tuple(spy(n) for n in names))
+    monkeypatch.setattr(numba_engine, "MIN_CHUNK_ELEMENTS", 1)
+    return calls
+
+
+def _run_pass(ws, preset, ups):
+    ys = multi_standardize(ws, preset=preset)
+    return [y.detach() for y in ys], torch.autograd.grad(ys, ws, ups)
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernels_on_numba_threads_give_the_same_bits(preset, dtype, kernel_calls):
+    # (the parallel kernels are compiled in each process: loaded from numba's cache they gave other float64 bits)
+    import numba
+
+    ws = _weights(dtype)
+    ups = [torch.randn_like(w) for w in ws]
+    numba_threads = numba.get_num_threads()
+    with _torch_threads(1):
+        serial = _run_pass(ws, preset, ups)
+    assert kernel_calls == ["forward", "backward"]
+    with _torch_threads(2):
+        parallel = _run_pass(ws, preset, ups)
+    assert kernel_calls[2:] == ["forward_parallel", "backward_parallel"]
+    assert numba.get_num_threads() == numba_threads  # numba's own setting is left as it was
+    for a, b in zip([*serial[0], *serial[1]], [*parallel[0], *parallel[1]]):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 3, 7])
+def test_row_table_chunks_split_the_work_evenly(chunks):
+    layers = nn.Sequential(WSConv2d(3, 16, 3), WSConv2d(16, 32, 3), WSConv2d(32, 64, 3), WSLinear(64, 10))
+    handle = enable_batched_ws(layers, backend="numba")
+    (launch,) = handle.engine.launches
+    bounds, row_t, row_i, fan_in = launch.table(chunks)
+    per_row = [int(fan_in[t]) for t in row_t]
+    assert [(int(t), int(i)) for t, i in zip(row_t, row_i)] == [(t, i) for t, m in enumerate((16, 32, 64, 10))
+                                                                for i in range(m)]  # fmt: skip
+    assert len(bounds) == chunks + 1 and bounds[0] == 0 and bounds[-1] == len(per_row) == 122
+    assert all(a <= b for a, b in zip(bounds, bounds[1:]))
+    work = [sum(per_row[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assert sum(work) == launch.elements
+    assert all(abs(w - launch.elements / chunks) <= max(per_row) for w in work)  # equal up to a row
+
+
+def test_kernels_stay_on_the_calling_thread_outside_the_main_thread(kernel_calls):
+    ws = _weights(torch.float32)
+    ups = [torch.randn_like(w) for w in ws]
+    out: list = []
+    with _torch_threads(2):
+        worker = threading.Thread(target=lambda: out.append(_run_pass(ws, "paper", ups)))
+        worker.start()
+        worker.join()
+    assert kernel_calls == ["forward", "backward"] and len(out) == 1
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_the_kernels_on_its_calling_thread(kernel_calls):
+    # numba's OpenMP threads do not survive a fork (GNU OpenMP is not fork-safe): once the parent ran the kernels on
+    # them, a child runs them on its own thread, and finishes
+    ws = _weights(torch.float32)
+    ups = [torch.randn_like(w) for w in ws]
+    with _torch_threads(2):
+        expected = _run_pass(ws, "paper", ups)
+        assert kernel_calls == ["forward_parallel", "backward_parallel"]
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                got = _run_pass(ws, "paper", ups)
+                same = all(torch.equal(a, b) for a, b in zip([*got[0], *got[1]], [*expected[0], *expected[1]]))
+                os.write(write, f"{','.join(kernel_calls[2:])} {same}".encode())
+            finally:
+                os._exit(0)
+    os.close(write)
+    deadline = time.monotonic() + 60
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in the WS kernels")
+        time.sleep(0.05)
+    with os.fdopen(read) as f:
+        assert f.read() == "forward,backward True"

@@ -2,9 +2,15 @@
 
 The kernels (:mod:`torchws.fast.engines.numba_kernels`, compiled on first use and cached on disk by numba) read
 each weight where it lies through a table of data pointers, accumulate statistics in float64 and write the result in
-the weight's dtype. One autograd node covers all weights of one (preset, eps, dtype); layers the kernels do not take
-(gain, shift, transposed convs, weights without dense rows, other devices or dtypes) run the torch engine's
-per-layer computation in the same pass.
+the weight's dtype. With torch set to more than one thread (``torch.get_num_threads()``) they split the rows into
+chunks of equal work (each at least :data:`MIN_CHUNK_ELEMENTS` elements), one per thread, on numba's threads
+(``prange``) when called from the main thread of the process that first ran them so: numba's OpenMP and workqueue
+threading layers are not safe to enter from several threads at once or after a fork. Elsewhere, and with one thread,
+they run on the calling thread. Each row is computed by the same code either way.
+
+One autograd node covers all weights of one (preset, eps, dtype); layers the kernels do not take (gain, shift,
+transposed convs, weights without dense rows, other devices or dtypes) run the torch engine's per-layer computation in
+the same pass.
 
 Math, per row ``x`` of ``n`` elements, ``c = x - mean(x)``, ``v = sum(c^2) / d`` with ``d = n`` (population) or
 ``n - 1`` (unbiased), and ``r = r(v)`` the preset's reciprocal scale:
@@ -23,6 +29,8 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
+import threading
 
 import numpy as np
 import torch
@@ -36,6 +44,10 @@ from torchws.presets import Preset, get_preset
 __all__ = ["NumbaEngine", "multi_standardize", "numba_status", "qualifies"]
 
 MODES = {"inside_sqrt": 0, "added_to_std": 1, "clamp_fan_in_var": 2}
+
+# each thread's chunk holds at least this many weight elements (smaller launches run on the calling thread alone)
+MIN_CHUNK_ELEMENTS = 1 << 15
+_parallel_pid: list[int] = []  # the process that ran the kernels on numba's threads, once one has
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,9 +64,41 @@ def numba_status() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    from torchws.fast.engines import numba_kernels
+    from torchws.fast.engines import numba_kernels as k
 
-    return numba_kernels.forward, numba_kernels.backward
+    return k.forward, k.backward, k.forward_parallel, k.backward_parallel
+
+
+def _threads(elements: int) -> int:
+    """How many of numba's threads a launch of ``elements`` runs on (1: the calling thread alone)."""
+    n = min(torch.get_num_threads(), elements // MIN_CHUNK_ELEMENTS)
+    if n <= 1 or threading.current_thread() is not threading.main_thread():
+        return 1
+    if _parallel_pid and _parallel_pid[0] != os.getpid():  # a fork's child: the parent's numba threads
+        return 1
+    import numba
+
+    return min(n, numba.config.NUMBA_NUM_THREADS)
+
+
+def _call(which: int, launch: _Launch, pointers: tuple, rest: tuple) -> None:
+    """Kernel ``which`` (0 forward, 1 backward) over all rows of ``launch``, on :func:`_threads` threads (numba's
+    thread count is restored after)."""
+    kernels = _kernels()
+    n = _threads(launch.elements)
+    if n == 1:
+        kernels[which](*pointers, *launch.table(1), *rest)
+        return
+    import numba
+
+    if not _parallel_pid:
+        _parallel_pid.append(os.getpid())
+    before = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        kernels[which + 2](*pointers, *launch.table(n), *rest)
+    finally:
+        numba.set_num_threads(before)
 
 
 def qualifies(layer) -> bool:
@@ -77,8 +121,20 @@ class _Launch:
         self.variance, self.placement = preset.variance, preset.eps_placement
         self.rows = np.array([w.shape[0] for w in weights], dtype=np.int64)
         self.fan_in = np.array([w.numel() // w.shape[0] for w in weights], dtype=np.int64)
-        self.num_rows = int(self.rows.sum())
+        self.num_rows, self.elements = int(self.rows.sum()), int((self.rows * self.fan_in).sum())
         self.proto = np.empty(0, dtype=np.float32 if weights[0].dtype == torch.float32 else np.float64)
+        self.row_t = np.repeat(np.arange(len(weights), dtype=np.int64), self.rows)  # each row's tensor
+        self.row_i = np.concatenate([np.arange(m, dtype=np.int64) for m in self.rows])  # and row within it
+        self._tables: dict[int, tuple] = {}
+
+    def table(self, chunks: int) -> tuple:
+        """The kernels' row table split into ``chunks`` runs of consecutive rows of about equal work."""
+        if chunks not in self._tables:
+            work = np.concatenate([[0], np.cumsum(np.repeat(self.fan_in, self.rows))])
+            inner = np.searchsorted(work, work[-1] * np.arange(1, chunks) / chunks)
+            bounds = np.concatenate([[0], inner, [self.num_rows]]).astype(np.int64)
+            self._tables[chunks] = (bounds, self.row_t, self.row_i, self.fan_in)
+        return self._tables[chunks]
 
 
 class _MultiWS(torch.autograd.Function):
@@ -88,8 +144,8 @@ class _MultiWS(torch.autograd.Function):
     def forward(ctx, launch: _Launch, *weights: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
         ys = [torch.empty_like(w) for w in weights]  # laid out like each weight: rows stay dense
         r, k = np.empty(launch.num_rows), np.empty(launch.num_rows)
-        _kernels()[0](_pointers(weights), _pointers(ys), launch.rows, launch.fan_in, launch.mode, launch.unbiased,
-                      launch.eps, r, k, launch.proto)  # fmt: skip
+        rest = (launch.mode, launch.unbiased, launch.eps, r, k, launch.proto)
+        _call(0, launch, (_pointers(weights), _pointers(ys)), rest)
         ctx.launch, ctx.r, ctx.k, ctx.n = launch, r, k, len(weights)
         ctx.set_materialize_grads(False)  # an unused output's weight gets no gradient (None), as per layer
         # the weights too: autograd then refuses a backward after they were modified in place, as per layer
@@ -108,8 +164,7 @@ class _MultiWS(torch.autograd.Function):
         ]
         dxs = [torch.empty_like(y) for y in ys]
         launch = ctx.launch
-        _kernels()[1](_pointers(gs), _pointers(ys), _pointers(dxs), launch.rows, launch.fan_in, ctx.r, ctx.k,
-                      launch.proto)  # fmt: skip
+        _call(1, launch, (_pointers(gs), _pointers(ys), _pointers(dxs)), (ctx.r, ctx.k, launch.proto))
         return (None, *(None if g is None else dx for g, dx in zip(grads, dxs)))
 
 
