@@ -27,6 +27,7 @@ demo: setup data
 # data: the data and demo tests read the real Fashion-MNIST files (CI runs this as root, so apt-get works)
 test: setup data
 	$(BIN)/ruff check src tests benchmarks scripts
+	$(BIN)/ruff format --check src tests benchmarks scripts
 	$(BIN)/python -m pytest -q -x -p no:cacheprovider
 
 bench: setup

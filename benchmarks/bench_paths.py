@@ -125,7 +125,7 @@ def bench_steps(args, device: torch.device, batch: int) -> dict:
     times: dict[str, list[float]] = {v: [] for v in steps}
     names = list(steps)
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for v in order:
             times[v].append(time_block(steps[v], args.block, device))
     base = times.get("gn")

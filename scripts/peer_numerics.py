@@ -67,8 +67,10 @@ def main() -> None:
             w = weights(kind, dtype)
             ours, theirs = weight_standardize(w, preset=preset), peer(w)
             exact = peer(w.double())  # the same formula on the same (rounded) weights, in float64
-            print(f"{preset:9} {str(dtype)[6:]:9} {kind:9} {max_abs(ours, theirs):17.2e} {max_abs(ours, exact):16.2e} "
-                  f"{max_abs(theirs, exact):13.2e}")
+            print(
+                f"{preset:9} {str(dtype)[6:]:9} {kind:9} {max_abs(ours, theirs):17.2e} {max_abs(ours, exact):16.2e} "
+                f"{max_abs(theirs, exact):13.2e}"
+            )
 
 
 if __name__ == "__main__":

@@ -76,16 +76,28 @@ def load_data(args: argparse.Namespace) -> dict:
     pick = torch.randperm(splits.train_images.shape[0], generator=torch.Generator().manual_seed(1234))
     train = pick[: args.train_size]
     probe_loader = TensorLoader(
-        splits.train_images[train[: args.probe_batch]], splits.train_labels[train[: args.probe_batch]],
-        args.probe_batch, shuffle=False, mean=splits.mean, std=splits.std,
+        splits.train_images[train[: args.probe_batch]],
+        splits.train_labels[train[: args.probe_batch]],
+        args.probe_batch,
+        shuffle=False,
+        mean=splits.mean,
+        std=splits.std,
     )
     test_loader = TensorLoader(
-        splits.test_images[: args.test_size], splits.test_labels[: args.test_size], 500, shuffle=False,
-        mean=splits.mean, std=splits.std,
+        splits.test_images[: args.test_size],
+        splits.test_labels[: args.test_size],
+        500,
+        shuffle=False,
+        mean=splits.mean,
+        std=splits.std,
     )
     return {
-        "train_images": splits.train_images[train], "train_labels": splits.train_labels[train],
-        "mean": splits.mean, "std": splits.std, "probe": next(iter(probe_loader)), "test": test_loader,
+        "train_images": splits.train_images[train],
+        "train_labels": splits.train_labels[train],
+        "mean": splits.mean,
+        "std": splits.std,
+        "probe": next(iter(probe_loader)),
+        "test": test_loader,
     }
 
 
@@ -123,14 +135,21 @@ def train_one(variant: Variant, seed: int, data: dict, args: argparse.Namespace)
     model = create_model(f"{args.arch}_{variant.norm}", in_chans=1, num_classes=10).train()
     opt = torch.optim.SGD(model.parameters(), lr=variant.lr, momentum=args.momentum, weight_decay=args.weight_decay)
     loader = TensorLoader(
-        data["train_images"], data["train_labels"], variant.batch_size, shuffle=True, drop_last=True, seed=seed,
-        mean=data["mean"], std=data["std"],
+        data["train_images"],
+        data["train_labels"],
+        variant.batch_size,
+        shuffle=True,
+        drop_last=True,
+        seed=seed,
+        mean=data["mean"],
+        std=data["std"],
     )
     probes, losses, seen, next_probe, start = [], [], 0, 0, time.perf_counter()
     for x, y in loader:
         if seen >= next_probe:
-            probes.append({"images": seen, "train_loss": _mean_or_nan(losses), **probe(model, variant, data["probe"],
-                                                                                       args.steps)})
+            probes.append(
+                {"images": seen, "train_loss": _mean_or_nan(losses), **probe(model, variant, data["probe"], args.steps)}
+            )
             losses, next_probe = [], next_probe + args.probe_every
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
@@ -138,12 +157,16 @@ def train_one(variant: Variant, seed: int, data: dict, args: argparse.Namespace)
         opt.step()
         losses.append(float(loss.detach()))
         seen += y.numel()
-    probes.append({"images": seen, "train_loss": _mean_or_nan(losses), **probe(model, variant, data["probe"],
-                                                                               args.steps)})
+    probes.append(
+        {"images": seen, "train_loss": _mean_or_nan(losses), **probe(model, variant, data["probe"], args.steps)}
+    )
     acc = test_accuracy(model, data["test"])
     seconds = time.perf_counter() - start
-    print(f"{variant.name:9s} seed {seed}: test acc {acc:.4f}, final train loss {probes[-1]['train_loss']:.3f}, "
-          f"{seconds:.0f} s", flush=True)
+    print(
+        f"{variant.name:9s} seed {seed}: test acc {acc:.4f}, final train loss {probes[-1]['train_loss']:.3f}, "
+        f"{seconds:.0f} s",
+        flush=True,
+    )
     return {"variant": variant.name, "seed": seed, "test_accuracy": acc, "seconds": seconds, "probes": probes}
 
 
@@ -168,8 +191,9 @@ def summarize(runs: list[dict], variants: list[str]) -> dict:
         for key in (*SUMMARY_KEYS, "train_loss"):
             row[key] = _mean_std([statistics.fmean(p[key] for p in r["probes"][1:]) for r in mine])
         if "ws_kept_fraction" in mine[0]["probes"][0]:
-            row["ws_kept_fraction"] = _mean_std([statistics.fmean(p["ws_kept_fraction"] for p in r["probes"])
-                                                 for r in mine])
+            row["ws_kept_fraction"] = _mean_std(
+                [statistics.fmean(p["ws_kept_fraction"] for p in r["probes"]) for r in mine]
+            )
             row["ws_identity_max_rel_error"] = max(p["ws_identity_max_rel_error"] for r in mine for p in r["probes"])
         out[name] = row
     return out
@@ -208,8 +232,13 @@ def environment() -> dict:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "threads": torch.get_num_threads(), "commit": commit}
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "commit": commit,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,9 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     runs = [train_one(variants[v], seed, data, args) for seed in args.seeds for v in args.variants]
     summary = summarize(runs, args.variants)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    record = {"config": config, "variants": {v: asdict(variants[v]) for v in args.variants},
-              "environment": environment(), "wall_seconds": time.perf_counter() - start,
-              "summary": summary, "runs": runs}
+    record = {
+        "config": config,
+        "variants": {v: asdict(variants[v]) for v in args.variants},
+        "environment": environment(),
+        "wall_seconds": time.perf_counter() - start,
+        "summary": summary,
+        "runs": runs,
+    }
     (args.out / "smoothness.json").write_text(json.dumps(record, indent=1))
     plot(runs, args.variants, args.out / "smoothness.png")
     print(f"\n{'variant':9s} | test acc | " + " | ".join(SUMMARY_KEYS) + " | train loss   (mean +- std over seeds)")

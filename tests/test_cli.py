@@ -17,8 +17,6 @@ TINY = ["--dataset", "digits", "--model", "cifar_resnet20_gn_ws", "--batch-size"
         "--device", "cpu"]  # fmt: skip
 
 
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     try:
         code = main(list(argv))

@@ -184,8 +184,9 @@ def test_timm_eps_override_matches_timm_batch_norm_form() -> None:
     """timm's BiT ResNetV2 / ViT-hybrid convs: ``StdConv2d(eps=1e-8)``, computed as timm does with batch_norm."""
     w = torch.randn(6, 4, 3, 3, dtype=torch.float64) * 0.05
     timm_form = torch.nn.functional.batch_norm(w.reshape(1, 6, -1), None, None, training=True, momentum=0.0, eps=1e-8)
-    torch.testing.assert_close(weight_standardize(w, preset="timm", eps=1e-8), timm_form.reshape_as(w), rtol=0,
-                               atol=1e-13)
+    torch.testing.assert_close(
+        weight_standardize(w, preset="timm", eps=1e-8), timm_form.reshape_as(w), rtol=0, atol=1e-13
+    )
     assert (weight_standardize(w, preset="timm") - timm_form.reshape_as(w)).abs().max() > 1e-4
 
 
@@ -195,10 +196,10 @@ def test_timm_scaled_std_conv_is_the_timm_preset_with_a_gain() -> None:
     w = torch.randn(6, 4, 3, 3, generator=g, dtype=torch.float64) * 0.05
     timm_gain, gamma, eps = torch.rand(6, generator=g, dtype=torch.float64) + 0.5, 1.7015043497085571, 1e-5
     scale = timm_gain * gamma * w[0].numel() ** -0.5
-    timm_form = torch.nn.functional.batch_norm(w.reshape(1, 6, -1), None, None, weight=scale, training=True,
-                                               momentum=0.0, eps=eps).reshape_as(w)
-    torch.testing.assert_close(weight_standardize(w, preset="timm", eps=eps, gain=scale), timm_form, rtol=0,
-                               atol=1e-13)
+    timm_form = torch.nn.functional.batch_norm(
+        w.reshape(1, 6, -1), None, None, weight=scale, training=True, momentum=0.0, eps=eps
+    ).reshape_as(w)
+    torch.testing.assert_close(weight_standardize(w, preset="timm", eps=eps, gain=scale), timm_form, rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -218,10 +219,13 @@ def test_autocast_keeps_float32_weight_and_result() -> None:
     np.testing.assert_allclose(got.numpy(), reference_rows(w.numpy(), "paper").reshape(w.shape), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("memory_format,shape", [
-    (torch.channels_last, (8, 4, 3, 3)),
-    (torch.channels_last_3d, (8, 4, 3, 3, 3)),
-])
+@pytest.mark.parametrize(
+    "memory_format,shape",
+    [
+        (torch.channels_last, (8, 4, 3, 3)),
+        (torch.channels_last_3d, (8, 4, 3, 3, 3)),
+    ],
+)
 def test_channels_last_weight_keeps_layout_and_values(memory_format: torch.memory_format, shape: tuple) -> None:
     w = torch.randn(shape)
     w_cl = w.contiguous(memory_format=memory_format)

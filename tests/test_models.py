@@ -62,8 +62,15 @@ def test_registered_names():
     suffixes = ("bn", "gn", "gn_ws", "bcn_ws", "bn_ws", "ln_ws", "bcn_est_ws")
     expected = {f"{a}_{s}" for a in archs for s in suffixes}
     assert set(list_models()) == expected
-    assert list_models("resnet50_*") == ["resnet50_bcn_est_ws", "resnet50_bcn_ws", "resnet50_bn", "resnet50_bn_ws",
-                                         "resnet50_gn", "resnet50_gn_ws", "resnet50_ln_ws"]
+    assert list_models("resnet50_*") == [
+        "resnet50_bcn_est_ws",
+        "resnet50_bcn_ws",
+        "resnet50_bn",
+        "resnet50_bn_ws",
+        "resnet50_gn",
+        "resnet50_gn_ws",
+        "resnet50_ln_ws",
+    ]
     assert len(list_models("*_gn_ws")) == 13
 
 
@@ -81,14 +88,20 @@ def test_unknown_override_lists_valid_ones():
 
 def test_register_duplicate_raises():
     with pytest.raises(ValueError, match="already registered"):
-        register_model("resnet50_gn_ws", family="resnet", norm="gn", ws=True, input_size=(3, 224, 224),
-                       num_classes=1000)(lambda **kw: nn.Identity())
+        register_model(
+            "resnet50_gn_ws", family="resnet", norm="gn", ws=True, input_size=(3, 224, 224), num_classes=1000
+        )(lambda **kw: nn.Identity())
 
 
 def test_metadata():
     info = get_model_info("resnext101_32x4d_gn_ws")
     assert (info.family, info.norm, info.ws, info.input_size, info.num_classes) == (
-        "resnext", "gn", True, (3, 224, 224), 1000)
+        "resnext",
+        "gn",
+        True,
+        (3, 224, 224),
+        1000,
+    )
     assert info.official_checkpoint == "X-101-GN-WS.pth.tar"
     small = get_model_info("cifar_resnet20_bn")
     assert (small.family, small.input_size, small.num_classes, small.ws) == ("cifar_resnet", (3, 32, 32), 10, False)
@@ -125,8 +138,9 @@ def test_reference_params_metadata_matches_models():
             assert n_params(meta_model(name)) == info.reference_params, name
 
 
-@pytest.mark.parametrize("arch,bottleneck", [("resnet18", False), ("resnet34", False), ("resnet50", True),
-                                             ("resnet101", True)])
+@pytest.mark.parametrize(
+    "arch,bottleneck", [("resnet18", False), ("resnet34", False), ("resnet50", True), ("resnet101", True)]
+)
 def test_state_dict_keys_equal_torchvision(arch, bottleneck):
     gn = meta_model(f"{arch}_gn_ws").state_dict()
     assert list(gn) == torchvision_keys(DEPTHS[arch], bottleneck, bn=False)
@@ -174,7 +188,7 @@ def test_ln_ws_normalizes_each_sample_over_all_channels():
     norm = make_norm_layer("ln")(6)
     x = torch.randn(3, 6, 5, 5) * 4 + 2
     flat = x.reshape(3, -1)  # reference: layer norm over (C, H, W) per sample, population variance, eps 1e-5
-    ref = ((flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, correction=0, keepdim=True) + 1e-5))
+    ref = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, correction=0, keepdim=True) + 1e-5)
     torch.testing.assert_close(norm(x), ref.reshape(x.shape), atol=1e-5, rtol=1e-5)
 
 
@@ -203,8 +217,14 @@ class CountingConv(nn.Conv2d):
 
 def test_blocks_never_hard_code_conv2d():
     with torch.device("meta"):
-        model = ResNet(Bottleneck, (1, 1, 1, 1), groups=32, width_per_group=4, conv_layer=CountingConv,
-                       norm_layer=make_norm_layer("gn"))
+        model = ResNet(
+            Bottleneck,
+            (1, 1, 1, 1),
+            groups=32,
+            width_per_group=4,
+            conv_layer=CountingConv,
+            norm_layer=make_norm_layer("gn"),
+        )
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     assert len(convs) == 1 + 4 * 3 + 4 and all(type(m) is CountingConv for m in convs)
 
@@ -217,8 +237,11 @@ def test_init_like_torchvision():
     gns = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
     assert all(bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in gns)
     zeroed = create_model("resnet18_gn_ws", zero_init_residual=True)
-    assert all(bool((blk.bn2.weight == 0).all()) and bool((blk.bn1.weight == 1).all())
-               for stage in (zeroed.layer1, zeroed.layer4) for blk in stage)
+    assert all(
+        bool((blk.bn2.weight == 0).all()) and bool((blk.bn1.weight == 1).all())
+        for stage in (zeroed.layer1, zeroed.layer4)
+        for blk in stage
+    )
 
 
 def test_zero_init_residual_bottleneck_and_blocks_start_as_identity():
@@ -259,7 +282,10 @@ def test_small_image_groups_values_and_models():
     assert [small_image_groups(c) for c in (16, 32, 64, 128, 512)] == [8, 16, 32, 32, 32]
     model = meta_model("cifar_resnet20_gn")
     assert (model.bn1.num_groups, model.layer2[0].bn1.num_groups, model.layer3[0].downsample[1].num_groups) == (
-        8, 16, 32)
+        8,
+        16,
+        32,
+    )
     assert meta_model("cifar_resnet18_gn_ws").layer1[0].bn1.num_groups == 32
     assert meta_model("cifar_resnet20_gn", num_groups=4).bn1.num_groups == 4
 
@@ -285,8 +311,13 @@ def test_features_only_imagenet():
     assert not hasattr(model, "fc")
     feats = model(torch.randn(1, 3, 64, 64))
     info = [(f.index, f.module, f.channels, f.reduction) for f in model.feature_info]
-    assert info == [(0, "act1", 64, 2), (1, "layer1", 64, 4), (2, "layer2", 128, 8), (3, "layer3", 256, 16),
-                    (4, "layer4", 512, 32)]
+    assert info == [
+        (0, "act1", 64, 2),
+        (1, "layer1", 64, 4),
+        (2, "layer2", 128, 8),
+        (3, "layer3", 256, 16),
+        (4, "layer4", 512, 32),
+    ]
     assert [tuple(f.shape) for f in feats] == [(1, c, 64 // r, 64 // r) for _, _, c, r in info]
     m50 = meta_model("resnet50_gn_ws", features_only=True, out_indices=(1, 2, 3))
     assert [f.channels for f in m50.feature_info] == [256, 512, 1024] and not hasattr(m50, "layer4")
@@ -307,8 +338,10 @@ def test_features_only_small_and_matches_classifier_trunk():
     # the root's forward standardizes through the batched pass (on CPU the numba kernels when installed), the
     # layers called one by one through torch's layer_norm: equal to fp32 rounding
     torch.testing.assert_close(outs[-1], trunk, rtol=1e-4, atol=1e-4)
-    assert [f.reduction for f in meta_model("cifar_resnet18_bn", features_only=True,
-                                            out_indices=(0, 1, 2, 3, 4)).feature_info] == [1, 1, 2, 4, 8]
+    assert [
+        f.reduction
+        for f in meta_model("cifar_resnet18_bn", features_only=True, out_indices=(0, 1, 2, 3, 4)).feature_info
+    ] == [1, 1, 2, 4, 8]
 
 
 # --- BCN variants (the BCN layer is written in parallel) ---------------------------------------------------------

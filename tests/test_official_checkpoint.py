@@ -250,8 +250,16 @@ def save_like_imagenet_py(model: nn.Module, path, *, step: bool = False) -> None
         for p in parallel.parameters():
             p.grad = torch.zeros_like(p)
         optimizer.step()
-    torch.save({"epoch": 90, "state_dict": parallel.state_dict(), "acc": torch.tensor(76.1),
-                "best_acc": torch.tensor(76.3), "optimizer": optimizer.state_dict()}, path)
+    torch.save(
+        {
+            "epoch": 90,
+            "state_dict": parallel.state_dict(),
+            "acc": torch.tensor(76.1),
+            "best_acc": torch.tensor(76.3),
+            "optimizer": optimizer.state_dict(),
+        },
+        path,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,9 +313,7 @@ def test_released_layout_loads_and_reproduces_the_authors_outputs(tmp_path, repo
         assert int(ours.layer2[0].bn2.bn.num_batches_tracked) == 1235
 
 
-@pytest.mark.parametrize(
-    ("repo", "arch"), [("ws", "resnet101"), ("ws", "resnext101_32x4d"), ("bcn", "resnet101")]
-)
+@pytest.mark.parametrize(("repo", "arch"), [("ws", "resnet101"), ("ws", "resnext101_32x4d"), ("bcn", "resnet101")])
 def test_deeper_released_layouts_load_strictly(tmp_path, repo, arch):
     authors = authors_model(repo, arch)
     path = tmp_path / official_checkpoint_name(f"{arch}_{SUFFIX[repo]}")
@@ -349,8 +355,9 @@ def test_bare_state_dict_and_legacy_pickle(tmp_path, r18):
     bare = tmp_path / "bare.pth"
     torch.save(source.state_dict(), bare)  # the dict itself, no `module.` prefix
     legacy = tmp_path / "legacy.pth.tar"  # the pre-1.6 pickle format the 2019 files were written in
-    torch.save({"epoch": 90, "state_dict": nn.DataParallel(source).state_dict()}, legacy,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"epoch": 90, "state_dict": nn.DataParallel(source).state_dict()}, legacy, _use_new_zipfile_serialization=False
+    )
     for path in (bare, legacy):
         target = create_model("resnet18_gn_ws", ws_preset="official").eval()
         _load_quietly(target, path)

@@ -21,9 +21,15 @@ def _onnxruntime_outputs(model: nn.Module, x: torch.Tensor, path) -> np.ndarray:
 
 def _small_net() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.ConvTranspose2d(16, 8, 2, stride=2, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.ConvTranspose2d(16, 8, 2, stride=2, groups=2),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
     )
 
 
@@ -35,8 +41,9 @@ def test_folded_zoo_model_runs_in_onnxruntime(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x).numpy()
-    np.testing.assert_allclose(_onnxruntime_outputs(folded, x, tmp_path / "resnet20.onnx"), expected,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        _onnxruntime_outputs(folded, x, tmp_path / "resnet20.onnx"), expected, rtol=1e-4, atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("preset", ["paper", "official", "bcn"])

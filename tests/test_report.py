@@ -103,8 +103,11 @@ def test_noise_without_a_significant_difference_is_inconclusive():
 
 
 def test_missing_cells_are_not_tested():
-    partial = {"gn_ws": {2: {0: 80.0, 1: 81.0}}, "gn": {8: {0: 70.0, 1: 71.0}, 2: {0: 60.0}},  # one common seed
-               "bn": {1: {0: 30.0}, 32: {0: 80.0}}}
+    partial = {
+        "gn_ws": {2: {0: 80.0, 1: 81.0}},
+        "gn": {8: {0: 70.0, 1: 71.0}, 2: {0: 60.0}},  # one common seed
+        "bn": {1: {0: 30.0}, 32: {0: 80.0}},
+    }
     verdicts = {v.claim: v.status for v in claim_verdicts(partial)}
     assert verdicts == dict.fromkeys(("i", "ii", "iii", "iv", "v"), "not tested")
 

@@ -78,9 +78,16 @@ def search_record(setup: str, lr: float, acc: float) -> dict:
 
 def test_lr_choice_best_accuracy_ties_to_smaller_missing_waits():
     spec = resolve_grid("default", setups=["gn", "gn_ws", "bn"], search_lrs=[0.1, 0.4, 1.6], search_extend=0)
-    records = [search_record("gn", 0.1, 70.0), search_record("gn", 0.4, 75.0), search_record("gn", 1.6, 75.0),
-               search_record("gn_ws", 0.1, 60.0), search_record("gn_ws", 0.4, math.nan),
-               search_record("gn_ws", 1.6, 59.0), search_record("bn", 0.1, 80.0), search_record("bn", 0.4, 90.0)]
+    records = [
+        search_record("gn", 0.1, 70.0),
+        search_record("gn", 0.4, 75.0),
+        search_record("gn", 1.6, 75.0),
+        search_record("gn_ws", 0.1, 60.0),
+        search_record("gn_ws", 0.4, math.nan),
+        search_record("gn_ws", 1.6, 59.0),
+        search_record("bn", 0.1, 80.0),
+        search_record("bn", 0.4, 90.0),
+    ]
     assert choose_base_lrs(records, spec) == {"gn": 0.4, "gn_ws": 0.1}  # bn still lacks 1.6
 
 
@@ -184,8 +191,28 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
 
 def test_killed_sweep_continues_where_it_stopped(tmp_path):
     out = tmp_path / "sweep"
-    argv = [sys.executable, "-m", "torchws", "sweep", *TINY, "--train-images", "1024", "--epochs", "3",
-            "--setups", "gn", "--batches", "2", "--seeds", "0", "1", "--search-lrs", "0.4", "--out-dir", str(out)]
+    argv = [
+        sys.executable,
+        "-m",
+        "torchws",
+        "sweep",
+        *TINY,
+        "--train-images",
+        "1024",
+        "--epochs",
+        "3",
+        "--setups",
+        "gn",
+        "--batches",
+        "2",
+        "--seeds",
+        "0",
+        "1",
+        "--search-lrs",
+        "0.4",
+        "--out-dir",
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": SRC}
     sweep = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     results = out / "results.jsonl"
@@ -273,8 +300,20 @@ def test_a_run_dir_holding_another_lr_is_not_continued(tmp_path, capsys):
 
     argv = ["sweep", *TINY, "--setups", "gn", "--batches", "2", "--seeds", "0", "--search-lrs", "0.4", "--max-steps",
             "1", "--out-dir", str(tmp_path / "o")]  # fmt: skip
-    spec = resolve_grid("default", dataset="digits", epochs=1, train_images=48, eval_images=32, search_batch=4,
-                        search_extend=0, setups=["gn"], batches=[2], seeds=[0], search_lrs=[0.4], max_steps=1)
+    spec = resolve_grid(
+        "default",
+        dataset="digits",
+        epochs=1,
+        train_images=48,
+        eval_images=32,
+        search_batch=4,
+        search_extend=0,
+        setups=["gn"],
+        batches=[2],
+        seeds=[0],
+        search_lrs=[0.4],
+        max_steps=1,
+    )
     stale = tmp_path / "o" / "runs" / spec.fingerprint() / "gn_b2_s0"
     stale.mkdir(parents=True)
     save_config(TrainConfig(lr=9.9), stale / "sweep_run.yaml")

@@ -136,53 +136,105 @@ CASES: list[Case] = [
     ("yaml_missing_file", lambda t, p: ["--config", str(t / "nope.yaml")], r"nope\.yaml: cannot read it"),
     # dataset files
     ("cifar_missing", lambda t, p: ["--dataset", "cifar10", "--data-dir", str(t)], r"CIFAR-10"),
-    ("fashion_truncated_gzip", lambda t, p: fashion_dir(t, lambda d: truncate(d / "train-images-idx3-ubyte.gz", 300)),
-     r"train-images-idx3-ubyte\.gz: corrupt or truncated gzip stream"),
-    ("fashion_bad_magic", lambda t, p: fashion_dir(t, lambda d: rewrite_gz(d / "t10k-labels-idx1-ubyte.gz",
-                                                                         lambda b: b"\x01\x02" + b[2:])),
-     r"t10k-labels-idx1-ubyte\.gz"),
-    ("fashion_truncated_data", lambda t, p: fashion_dir(t, lambda d: rewrite_gz(d / "train-images-idx3-ubyte.gz",
-                                                                              lambda b: b[:-100])),
-     r"train-images-idx3-ubyte\.gz"),
-    ("fashion_label_count", lambda t, p: fashion_dir(t, lambda d: rewrite_gz(d / "train-labels-idx1-ubyte.gz",
-                                                                           lambda b: b[:4] + (60).to_bytes(4, "big")
-                                                                           + b[8:68])),
-     r"train-labels-idx1-ubyte\.gz"),
+    (
+        "fashion_truncated_gzip",
+        lambda t, p: fashion_dir(t, lambda d: truncate(d / "train-images-idx3-ubyte.gz", 300)),
+        r"train-images-idx3-ubyte\.gz: corrupt or truncated gzip stream",
+    ),
+    (
+        "fashion_bad_magic",
+        lambda t, p: fashion_dir(
+            t, lambda d: rewrite_gz(d / "t10k-labels-idx1-ubyte.gz", lambda b: b"\x01\x02" + b[2:])
+        ),
+        r"t10k-labels-idx1-ubyte\.gz",
+    ),
+    (
+        "fashion_truncated_data",
+        lambda t, p: fashion_dir(t, lambda d: rewrite_gz(d / "train-images-idx3-ubyte.gz", lambda b: b[:-100])),
+        r"train-images-idx3-ubyte\.gz",
+    ),
+    (
+        "fashion_label_count",
+        lambda t, p: fashion_dir(
+            t,
+            lambda d: rewrite_gz(d / "train-labels-idx1-ubyte.gz", lambda b: b[:4] + (60).to_bytes(4, "big") + b[8:68]),
+        ),
+        r"train-labels-idx1-ubyte\.gz",
+    ),
     ("unknown_dataset", lambda t, p: ["--dataset", "imagenet21k"], r"--dataset: unknown dataset 'imagenet21k'"),
     # image folders
     ("imagefolder_without_data_dir", lambda t, p: ["--dataset", "imagefolder"], r"--dataset imagefolder needs"),
     ("imagefolder_missing", lambda t, p: imagefolder_args(t / "nowhere"), r"nowhere"),
-    ("imagefolder_empty_class", lambda t, p: (image_folder(t / "f"), (t / "f/train/empty").mkdir(),
-                                              imagefolder_args(t / "f"))[-1], r"empty"),
-    ("imagefolder_unreadable_image", lambda t, p: (image_folder(t / "f"),
-                                                   (t / "f/train/cat/0.png").write_bytes(b"\x89PNG broken"),
-                                                   imagefolder_args(t / "f"))[-1],
-     r"0\.png: Pillow cannot decode it"),
-    ("imagefolder_class_mismatch", lambda t, p: (image_folder(t / "f"), shutil.rmtree(t / "f/val/dog"),
-                                                 imagefolder_args(t / "f"))[-1], r"different class folders"),
-    ("imagefolder_no_val", lambda t, p: (image_folder(t / "f"), shutil.rmtree(t / "f/val"),
-                                         imagefolder_args(t / "f"))[-1], r"val"),
-    ("imagefolder_size_zero", lambda t, p: [*imagefolder_args(image_folder(t / "f")), "--image-size", "0"],
-     r"--image-size must be >= 1"),
+    (
+        "imagefolder_empty_class",
+        lambda t, p: (image_folder(t / "f"), (t / "f/train/empty").mkdir(), imagefolder_args(t / "f"))[-1],
+        r"empty",
+    ),
+    (
+        "imagefolder_unreadable_image",
+        lambda t, p: (
+            image_folder(t / "f"),
+            (t / "f/train/cat/0.png").write_bytes(b"\x89PNG broken"),
+            imagefolder_args(t / "f"),
+        )[-1],
+        r"0\.png: Pillow cannot decode it",
+    ),
+    (
+        "imagefolder_class_mismatch",
+        lambda t, p: (image_folder(t / "f"), shutil.rmtree(t / "f/val/dog"), imagefolder_args(t / "f"))[-1],
+        r"different class folders",
+    ),
+    (
+        "imagefolder_no_val",
+        lambda t, p: (image_folder(t / "f"), shutil.rmtree(t / "f/val"), imagefolder_args(t / "f"))[-1],
+        r"val",
+    ),
+    (
+        "imagefolder_size_zero",
+        lambda t, p: [*imagefolder_args(image_folder(t / "f")), "--image-size", "0"],
+        r"--image-size must be >= 1",
+    ),
     # checkpoints
     ("resume_missing", lambda t, p: ["--resume", str(t / "nope.pt")], r"nope\.pt does not exist"),
     ("resume_a_directory", lambda t, p: ["--resume", str(p)], r"is not a file"),
-    ("resume_not_a_checkpoint", lambda t, p: ["--resume", str(p / "config.yaml")],
-     r"config\.yaml is unreadable \(truncated, corrupt or not a checkpoint\): Unsupported operand"),
-    ("resume_another_model", lambda t, p: ["--resume", str(other_checkpoint(t, "--model", "cifar_resnet20_bn"))],
-     r"saved from model 'cifar_resnet20_bn' and does not fit this model"),
-    ("resume_another_dataset", lambda t, p: ["--resume", str(other_checkpoint(t, *imagefolder_args(image_folder(
-        t / "f")), "--max-train-images", "8", "--batch-size", "2"))], r"shape-mismatched"),  # fmt: skip
+    (
+        "resume_not_a_checkpoint",
+        lambda t, p: ["--resume", str(p / "config.yaml")],
+        r"config\.yaml is unreadable \(truncated, corrupt or not a checkpoint\): Unsupported operand",
+    ),
+    (
+        "resume_another_model",
+        lambda t, p: ["--resume", str(other_checkpoint(t, "--model", "cifar_resnet20_bn"))],
+        r"saved from model 'cifar_resnet20_bn' and does not fit this model",
+    ),
+    (
+        "resume_another_dataset",
+        lambda t, p: [
+            "--resume",
+            str(
+                other_checkpoint(
+                    t, *imagefolder_args(image_folder(t / "f")), "--max-train-images", "8", "--batch-size", "2"
+                )
+            ),
+        ],
+        r"shape-mismatched",
+    ),  # fmt: skip
     # output dir
     ("out_dir_is_a_file", lambda t, p: ["--out-dir", str(p / "config.yaml")], r"config\.yaml is not a directory"),
     ("out_dir_under_a_file", lambda t, p: ["--out-dir", str(p / "config.yaml" / "run")], r"cannot write to --out-dir"),
     ("out_dir_holds_a_run", lambda t, p: ["--out-dir", str(p)], r"already holds last\.pt.*--resume auto"),
-    ("resume_other_run_into_a_run", lambda t, p: ["--out-dir", str(p), "--resume", str(other_checkpoint(t))],
-     r"would overwrite; continue that run with --resume auto"),
+    (
+        "resume_other_run_into_a_run",
+        lambda t, p: ["--out-dir", str(p), "--resume", str(other_checkpoint(t))],
+        r"would overwrite; continue that run with --resume auto",
+    ),
     # model and dataset mismatch
     ("model_unknown", lambda t, p: ["--model", "resnet51"], r"unknown model 'resnet51'; did you mean"),
-    ("model_needs_larger_images", lambda t, p: ["--model", "resnet50_gn_ws"],
-     r"--model resnet50_gn_ws needs images of at least 112 px, but --dataset digits has 8 px"),
+    (
+        "model_needs_larger_images",
+        lambda t, p: ["--model", "resnet50_gn_ws"],
+        r"--model resnet50_gn_ws needs images of at least 112 px, but --dataset digits has 8 px",
+    ),
 ]
 
 

@@ -65,8 +65,15 @@ def test_unknown_yaml_key_names_key_and_file(tmp_path):
     assert "learning_rate" in message and str(path) in message and "\n" not in message
 
 
-@pytest.mark.parametrize("text, fragment", [("epochs: two\n", "epochs"), ("nesterov: 3\n", "nesterov"),
-                                            ("- 1\n- 2\n", "mapping"), ("epochs: [1\n", "not valid YAML")])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("epochs: two\n", "epochs"),
+        ("nesterov: 3\n", "nesterov"),
+        ("- 1\n- 2\n", "mapping"),
+        ("epochs: [1\n", "not valid YAML"),
+    ],
+)
 def test_bad_yaml_values(tmp_path, text, fragment):
     path = tmp_path / "bad.yaml"
     path.write_text(text)
@@ -101,8 +108,11 @@ def test_a_retired_key_loads_from_a_saved_config_and_is_refused_in_a_hand_writte
     path = tmp_path / "old.yaml"
     path.write_text("model: cifar_resnet20_gn\nws_deferred: true\n")
     assert load_yaml(path, saved=True) == {"model": "cifar_resnet20_gn"}
-    with pytest.raises(ConfigError, match=r"old\.yaml: key 'ws_deferred' is no longer used \(the deferred WS backward "
-                       r"was removed; --ws-backend picks the engine of the WS pass\); remove it"):
+    with pytest.raises(
+        ConfigError,
+        match=r"old\.yaml: key 'ws_deferred' is no longer used \(the deferred WS backward "
+        r"was removed; --ws-backend picks the engine of the WS pass\); remove it",
+    ):
         load_yaml(path)
 
 

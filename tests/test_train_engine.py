@@ -162,8 +162,9 @@ def test_same_params_checks_catch_missing_keys_and_differences():
         assert_same_optimizer_state(state, {**state, "state": {}})
 
 
-@pytest.mark.parametrize("model, once", [("cifar_resnet20_gn_ws", True), ("cifar_resnet20_gn_ws", False),
-                                         ("cifar_resnet20_gn", True)])
+@pytest.mark.parametrize(
+    "model, once", [("cifar_resnet20_gn_ws", True), ("cifar_resnet20_gn_ws", False), ("cifar_resnet20_gn", True)]
+)
 def test_accumulation_matches_one_big_batch(tmp_path, model, once):
     """2 micro-batches of 4 accumulate the gradient of one batch of 8 (GN: no batch dependence): after one step
     the momentum buffers (= gradient + weight decay) agree to fp32 rounding (WS's backward divides by the filters'
@@ -171,8 +172,9 @@ def test_accumulation_matches_one_big_batch(tmp_path, model, once):
     splits = tiny_splits(n_train=16)
     common = dict(model=model, epochs=1, max_steps=1, warmup_epochs=0.0, schedule="constant")
     big = run_trainer(tiny_cfg(tmp_path / "big", batch_size=8, **common), splits)
-    acc = run_trainer(tiny_cfg(tmp_path / "acc", batch_size=4, accum_steps=2, ws_accumulate_once=once, **common),
-                      splits)
+    acc = run_trainer(
+        tiny_cfg(tmp_path / "acc", batch_size=4, accum_steps=2, ws_accumulate_once=once, **common), splits
+    )
     assert acc.schedule.peak_lr == big.schedule.peak_lr
     a, b = big.optimizer.state_dict()["state"], acc.optimizer.state_dict()["state"]
     assert len(a) == len(list(big.model.parameters()))
@@ -279,8 +281,9 @@ def test_ws_backend_option_selects_the_engine_of_the_model_level_pass(tmp_path, 
     assert (handle.engine.name if handle else None) == expected
 
 
-@pytest.mark.parametrize("options", [{"accum_steps": 2}, {"channels_last": True, "max_steps": 4}],
-                         ids=["accumulation", "channels_last"])
+@pytest.mark.parametrize(
+    "options", [{"accum_steps": 2}, {"channels_last": True, "max_steps": 4}], ids=["accumulation", "channels_last"]
+)
 def test_the_engine_the_trainer_enables_trains_like_per_layer_ws(tmp_path, options):
     """The WS pass the trainer turns on (auto: the numba engine on this CPU) against every layer computing its own
     weight (--ws-backend off): the same losses, accuracies (evaluated after each epoch) and weights (resume with the
@@ -322,7 +325,6 @@ def test_out_dir_that_is_a_file_is_a_run_dir_error(tmp_path):
     (tmp_path / "file").write_text("not a dir")
     with pytest.raises(RunDirError, match="is not a directory"):
         train(tiny_cfg(tmp_path, out_dir=str(tmp_path / "file"), max_steps=1), splits=splits, echo=False)
-
 
 
 def test_resume_uses_the_current_optimizer_flags(tmp_path):

@@ -73,8 +73,10 @@ def test_progress_lines_every_n_steps_or_seconds(capsys):
     by_steps = Progress(12, 0, "epoch 1/1", 5, 3600.0, terminal=False)
     for _ in range(12):
         by_steps.update(1.0, 10.0, 0.1)
-    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == ["epoch 1/1 step 5/12",
-                                                                                   "epoch 1/1 step 10/12"]
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "epoch 1/1 step 5/12",
+        "epoch 1/1 step 10/12",
+    ]
     by_time = Progress(3, 0, "e", 100, 0.0, terminal=False)  # every update is past the interval
     for _ in range(3):
         by_time.update(1.0, 10.0, 0.1)

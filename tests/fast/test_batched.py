@@ -125,6 +125,7 @@ def test_a_pre_hook_added_after_enabling_takes_the_layer_off_the_pass(mixed_pair
     handle = enable_batched_ws(model, backend="torch")
     x = torch.randn(1, 3, 8, 8)
     model(x)
+
     def halve(module, args):  # a hook that changes the weight, as pruning does
         module.weight.data.mul_(0.5)
 

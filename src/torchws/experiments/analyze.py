@@ -56,8 +56,16 @@ def rebuild(path: str | os.PathLike, *, data_dir: str | None = None, batch: int 
     path = Path(path)
     state = load_checkpoint(path)
     saved = _saved_config(state, path)
-    cfg = dataclasses.replace(saved, batch_size=batch, accum_steps=1, workers=0, device="cpu", ws_backend="off",
-                              data_dir=data_dir or saved.data_dir, seed=saved.seed if seed is None else seed)
+    cfg = dataclasses.replace(
+        saved,
+        batch_size=batch,
+        accum_steps=1,
+        workers=0,
+        device="cpu",
+        ws_backend="off",
+        data_dir=data_dir or saved.data_dir,
+        seed=saved.seed if seed is None else seed,
+    )
     inputs = build_inputs(cfg.validate(), DistInfo(), torch.device("cpu"))
     model = build_model(cfg, inputs.num_classes, inputs.channels)
     restore_model(model, state, path)
@@ -92,8 +100,14 @@ def _layer_rows(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor], micr
     return rows
 
 
-def analyze_checkpoint(path: str | os.PathLike, *, data_dir: str | None = None, batch: int = 64,
-                       micro_batch: int | None = None, steps: Sequence[float] = DEFAULT_PROBE_STEPS) -> dict[str, Any]:
+def analyze_checkpoint(
+    path: str | os.PathLike,
+    *,
+    data_dir: str | None = None,
+    batch: int = 64,
+    micro_batch: int | None = None,
+    steps: Sequence[float] = DEFAULT_PROBE_STEPS,
+) -> dict[str, Any]:
     """Measure the checkpoint's model; returns a JSON-ready dict (``layers``: one row per WS layer, ``probe``).
 
     Raises CheckpointError (missing, damaged, other model), ExperimentError (no config to rebuild the model, bad

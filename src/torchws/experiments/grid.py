@@ -110,8 +110,15 @@ GRIDS = {
     # core (174 runs with the search), under the 6 h budget with room for a shared machine
     "default": GridSpec("default"),
     # about 10 minutes on 2 shared cores: 2 seeds, 5 batch sizes, 1,024 images x 2 epochs, 2 candidate lrs
-    "quick": GridSpec("quick", batches=(1, 2, 8, 32, 128), seeds=(0, 1), train_images=1024, eval_images=1000,
-                      epochs=2, search_lrs=(0.2, 0.8)),  # fmt: skip
+    "quick": GridSpec(
+        "quick",
+        batches=(1, 2, 8, 32, 128),
+        seeds=(0, 1),
+        train_images=1024,
+        eval_images=1000,
+        epochs=2,
+        search_lrs=(0.2, 0.8),
+    ),  # fmt: skip
 }
 
 

@@ -61,8 +61,10 @@ def read_results(path: str | os.PathLike, *, allow_empty: bool = False) -> list[
         raise ExperimentError(f"results file {path} does not exist (run `torchws sweep` first)")
     lines, tail = _split_lines(path)
     if tail is not None:
-        raise ExperimentError(f"{path}:{len(lines) + 1}: the last line is truncated (a sweep was killed while writing "
-                              "it); rerun the same `torchws sweep` command to repair it and record that run again")
+        raise ExperimentError(
+            f"{path}:{len(lines) + 1}: the last line is truncated (a sweep was killed while writing "
+            "it); rerun the same `torchws sweep` command to repair it and record that run again"
+        )
     records = [_parse_line(path, n, line) for n, line in enumerate(lines, 1) if line.strip()]
     if not records and not allow_empty:
         raise ExperimentError(f"results file {path} holds no records (is the sweep still on its first runs?)")

@@ -205,8 +205,10 @@ def _run_batch(runs: list[tuple[RunSpec, float]], spec: GridSpec, paths: tuple[P
             append_record(results_path, outcome)
             done[0] += 1
             rate = (time.perf_counter() - start) / done[0]
-            say(f"[{done[0]}/{len(runs)}] {run.run_id}: test acc {outcome['final_test_acc']:.2f}%, "
-                f"{outcome['wall_s']:.0f} s; about {rate * (len(runs) - done[0]) / 60:.0f} min left in this phase")
+            say(
+                f"[{done[0]}/{len(runs)}] {run.run_id}: test acc {outcome['final_test_acc']:.2f}%, "
+                f"{outcome['wall_s']:.0f} s; about {rate * (len(runs) - done[0]) / 60:.0f} min left in this phase"
+            )
 
     pool = ThreadPoolExecutor(max_workers=jobs)
     futures = [pool.submit(work, item) for item in runs]
@@ -317,6 +319,8 @@ def _sweep_locked(spec: GridSpec, results_path: Path, runs_dir: Path, jobs: int,
     finally:
         signal.signal(signal.SIGTERM, previous)
     if failures or missing:
-        raise ExperimentError(f"{len(failures)} run(s) failed: {'; '.join(failures) or 'none'}; setups without a "
-                              f"searched lr: {', '.join(missing) or 'none'}; the finished runs are in {results_path}")
+        raise ExperimentError(
+            f"{len(failures)} run(s) failed: {'; '.join(failures) or 'none'}; setups without a "
+            f"searched lr: {', '.join(missing) or 'none'}; the finished runs are in {results_path}"
+        )
     return {"results": str(results_path), "records": len(_recorded(results_path))}

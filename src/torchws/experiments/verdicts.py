@@ -71,8 +71,10 @@ def _tally(claim: str, text: str, comps: list[tuple[str, Paired]], judge: Callab
     unclear = len(marks) - len(yes) - no
     status = ("reproduced" if len(yes) == len(marks) else "partly reproduced" if yes else "not reproduced" if no
               else "inconclusive")  # fmt: skip
-    detail = (f"{note}{what} in {len(yes)} of {len(marks)} comparisons ({', '.join(yes) or 'none'}); "
-              f"{no} against, {unclear} inconclusive (no significant difference beyond {MATCH_MARGIN:g} point)")
+    detail = (
+        f"{note}{what} in {len(yes)} of {len(marks)} comparisons ({', '.join(yes) or 'none'}); "
+        f"{no} against, {unclear} inconclusive (no significant difference beyond {MATCH_MARGIN:g} point)"
+    )
     return Verdict(claim, text, status, detail, comps)
 
 
@@ -117,8 +119,14 @@ def _claim_iii(cells: Cells) -> Verdict:
                                      if (p := _compare(cells, ("bn", m), ("bn", best)))]  # fmt: skip
     if not comps:
         return Verdict("iii", text, "not tested", f"needs BN at 1 or 2 and at 32, 64 or 128 ({MIN_SEEDS}+ seeds)")
-    return _tally("iii", text, comps, _collapses, "BN collapses",
-                  f"a collapse is significantly worse than BN at {best} by >= {COLLAPSE_POINTS:g} points; ")
+    return _tally(
+        "iii",
+        text,
+        comps,
+        _collapses,
+        "BN collapses",
+        f"a collapse is significantly worse than BN at {best} by >= {COLLAPSE_POINTS:g} points; ",
+    )
 
 
 def claim_verdicts(cells: Cells) -> list[Verdict]:
@@ -128,8 +136,15 @@ def claim_verdicts(cells: Cells) -> list[Verdict]:
         _per_batch(cells, "ii", "GN+WS beats GN at every batch size", "gn_ws", "gn", _beats, "GN+WS beats GN"),
         _claim_iii(cells),
         _per_batch(cells, "iv", "WS helps BN too (BN+WS beats BN)", "bn_ws", "bn", _beats, "BN+WS beats BN"),
-        _per_batch(cells, "v", "BCN+WS matches or beats GN+WS", "bcn_est_ws", "gn_ws", _matches_or_beats,
-                   "BCN+WS beats or matches GN+WS"),
+        _per_batch(
+            cells,
+            "v",
+            "BCN+WS matches or beats GN+WS",
+            "bcn_est_ws",
+            "gn_ws",
+            _matches_or_beats,
+            "BCN+WS beats or matches GN+WS",
+        ),
     ]
 
 

@@ -200,16 +200,25 @@ WSConv1d = _make_layer(_WSConvNd, nn.Conv1d, _CONV_DOC.format("Conv1d"))
 WSConv2d = _make_layer(_WSConvNd, nn.Conv2d, _CONV_DOC.format("Conv2d"))
 WSConv3d = _make_layer(_WSConvNd, nn.Conv3d, _CONV_DOC.format("Conv3d"))
 WSConvTranspose1d = _make_layer(
-    _WSConvTransposeNd, nn.ConvTranspose1d, _CONV_DOC.format("ConvTranspose1d") + _TRANSPOSED_DOC,
-    _num_spatial_dims=1, _functional=staticmethod(F.conv_transpose1d),
+    _WSConvTransposeNd,
+    nn.ConvTranspose1d,
+    _CONV_DOC.format("ConvTranspose1d") + _TRANSPOSED_DOC,
+    _num_spatial_dims=1,
+    _functional=staticmethod(F.conv_transpose1d),
 )
 WSConvTranspose2d = _make_layer(
-    _WSConvTransposeNd, nn.ConvTranspose2d, _CONV_DOC.format("ConvTranspose2d") + _TRANSPOSED_DOC,
-    _num_spatial_dims=2, _functional=staticmethod(F.conv_transpose2d),
+    _WSConvTransposeNd,
+    nn.ConvTranspose2d,
+    _CONV_DOC.format("ConvTranspose2d") + _TRANSPOSED_DOC,
+    _num_spatial_dims=2,
+    _functional=staticmethod(F.conv_transpose2d),
 )
 WSConvTranspose3d = _make_layer(
-    _WSConvTransposeNd, nn.ConvTranspose3d, _CONV_DOC.format("ConvTranspose3d") + _TRANSPOSED_DOC,
-    _num_spatial_dims=3, _functional=staticmethod(F.conv_transpose3d),
+    _WSConvTransposeNd,
+    nn.ConvTranspose3d,
+    _CONV_DOC.format("ConvTranspose3d") + _TRANSPOSED_DOC,
+    _num_spatial_dims=3,
+    _functional=staticmethod(F.conv_transpose3d),
 )
 
 

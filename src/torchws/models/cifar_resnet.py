@@ -131,8 +131,11 @@ def _small_builder(name: str, depth: int | None, norm: str, ws: bool) -> Callabl
     ) -> nn.Module:
         conv_layer, norm_layer = resolve_layers(name, norm, ws, ws_preset=ws_preset, num_groups=num_groups)
         common = dict(
-            num_classes=num_classes, in_chans=resolve_in_chans(name, in_chans, channels, default=3),
-            conv_layer=conv_layer, norm_layer=norm_layer, zero_init_residual=zero_init_residual,
+            num_classes=num_classes,
+            in_chans=resolve_in_chans(name, in_chans, channels, default=3),
+            conv_layer=conv_layer,
+            norm_layer=norm_layer,
+            zero_init_residual=zero_init_residual,
             features_only=features_only,
         )
         if depth is None:  # CIFAR-stem ResNet-18
@@ -154,7 +157,12 @@ def _register_small_models() -> None:
         for suffix, (norm, ws) in NORM_SUFFIXES.items():
             name = f"{arch}_{suffix}"
             register_model(
-                name, family=family, norm=norm, ws=ws, input_size=(3, 32, 32), num_classes=10,
+                name,
+                family=family,
+                norm=norm,
+                ws=ws,
+                input_size=(3, 32, 32),
+                num_classes=10,
                 reference_params=None if norm.startswith("bcn") else params,
                 description=f"small-image {arch}, {norm.upper()}{' + WS' if ws else ''}",
             )(_small_builder(name, depth, norm, ws))

@@ -94,7 +94,7 @@ def read_official_state_dict(path: str | os.PathLike, *, map_location: object = 
         raise CheckpointFormatError(
             f"{os.fspath(path)}: no state dict of tensors found (top-level keys: {', '.join(map(str, list(obj)[:10]))})"
         )
-    return {(k[len(_PREFIX):] if k.startswith(_PREFIX) else k): v for k, v in state.items()}
+    return {(k[len(_PREFIX) :] if k.startswith(_PREFIX) else k): v for k, v in state.items()}
 
 
 def _listing(label: str, items: list[str]) -> str:
@@ -144,8 +144,13 @@ def _check_ws_preset(model: nn.Module) -> None:
             stacklevel=3,
         )
         return
-    other = sorted({f"{m.ws_preset.name} (eps {m.ws_eps:g})" for m in ws_layers
-                    if m.ws_preset != expected or m.ws_eps != expected.eps})
+    other = sorted(
+        {
+            f"{m.ws_preset.name} (eps {m.ws_eps:g})"
+            for m in ws_layers
+            if m.ws_preset != expected or m.ws_eps != expected.eps
+        }
+    )
     if other:
         warnings.warn(
             f"load_official_checkpoint: WS layers use preset {', '.join(other)}, the authors trained with "
@@ -178,11 +183,16 @@ def load_official_checkpoint(
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-              if k in state and state[k].shape != v.shape]
-    problems = ([_listing("missing keys", missing)] if strict and missing else []) + (
-        [_listing("unexpected keys", unexpected)] if strict and unexpected else []
-    ) + ([_listing("shape mismatches", shapes)] if shapes else [])
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = (
+        ([_listing("missing keys", missing)] if strict and missing else [])
+        + ([_listing("unexpected keys", unexpected)] if strict and unexpected else [])
+        + ([_listing("shape mismatches", shapes)] if shapes else [])
+    )
     if problems:
         raise CheckpointMismatchError(
             f"{os.fspath(path)} does not fit {type(model).__name__}: {'; '.join(problems)} "

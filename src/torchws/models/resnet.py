@@ -49,8 +49,10 @@ class BasicBlock(nn.Module):
     ) -> None:
         super().__init__()
         if groups != 1 or base_width != 64:
-            raise ValueError(f"BasicBlock supports groups=1, base_width=64 only; got groups={groups}, "
-                             f"base_width={base_width} (use Bottleneck for ResNeXt)")
+            raise ValueError(
+                f"BasicBlock supports groups=1, base_width=64 only; got groups={groups}, "
+                f"base_width={base_width} (use Bottleneck for ResNeXt)"
+            )
         self.conv1 = conv_layer(inplanes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn1 = norm_layer(planes)
         self.relu = nn.ReLU(inplace=True)
@@ -235,9 +237,17 @@ def _imagenet_builder(name: str, arch: str, norm: str, ws: bool) -> Callable[...
     ) -> ResNet:
         conv_layer, norm_layer = resolve_layers(name, norm, ws, ws_preset=ws_preset, num_groups=num_groups)
         return ResNet(
-            block, depths, num_classes=num_classes, in_chans=resolve_in_chans(name, in_chans, channels, default=3),
-            groups=groups, width_per_group=width, conv_layer=conv_layer, norm_layer=norm_layer,
-            zero_init_residual=zero_init_residual, features_only=features_only, out_indices=out_indices,
+            block,
+            depths,
+            num_classes=num_classes,
+            in_chans=resolve_in_chans(name, in_chans, channels, default=3),
+            groups=groups,
+            width_per_group=width,
+            conv_layer=conv_layer,
+            norm_layer=norm_layer,
+            zero_init_residual=zero_init_residual,
+            features_only=features_only,
+            out_indices=out_indices,
         )
 
     build.__name__ = build.__qualname__ = name
@@ -252,7 +262,10 @@ def _register_imagenet_models() -> None:
             register_model(
                 name,
                 family="resnext" if arch.startswith("resnext") else "resnet",
-                norm=norm, ws=ws, input_size=(3, 224, 224), num_classes=1000,
+                norm=norm,
+                ws=ws,
+                input_size=(3, 224, 224),
+                num_classes=1000,
                 reference_params=None if norm.startswith("bcn") else params,
                 official_checkpoint=released.get(suffix),
                 description=f"ImageNet {arch}, {norm.upper()}{' + WS' if ws else ''}",

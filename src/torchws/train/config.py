@@ -70,13 +70,19 @@ class TrainConfig:
     bf16: bool = _f(False, "bfloat16 autocast for forward and loss")
     channels_last: bool = _f(False, "channels_last memory format for model and inputs")
     ws_accumulate_once: bool = _f(True, "with --accum-steps > 1, standardize the weights once per optimizer step")
-    ws_backend: str = _f("auto", "engine of the model-level WS pass: auto (numba for CPU models up to 2M WS weights "
-                         "when installed, cuda_graph on CUDA, else torch), torch (grouped torch ops), numba (CPU "
-                         "multi-tensor kernels), cuda_graph (replayed CUDA graphs), off (each layer on its own)",
-                         choices=WS_BACKENDS)
+    ws_backend: str = _f(
+        "auto",
+        "engine of the model-level WS pass: auto (numba for CPU models up to 2M WS weights "
+        "when installed, cuda_graph on CUDA, else torch), torch (grouped torch ops), numba (CPU "
+        "multi-tensor kernels), cuda_graph (replayed CUDA graphs), off (each layer on its own)",
+        choices=WS_BACKENDS,
+    )
     device: str = _f("auto", "auto: cuda when available (the local rank's GPU), else cpu", choices=DEVICES)
-    threads: int = _f(0, "torch CPU threads per process (0: torch's default, all cores; on a shared or small "
-                      "machine, and with several processes per machine, set it to cores / processes)")
+    threads: int = _f(
+        0,
+        "torch CPU threads per process (0: torch's default, all cores; on a shared or small "
+        "machine, and with several processes per machine, set it to cores / processes)",
+    )
     seed: int = _f(0, "seed for model init, data order and augmentation")
     deterministic: bool = _f(False, "deterministic algorithms (bit-exact resume; slower on GPU)")
     # output
@@ -84,24 +90,41 @@ class TrainConfig:
     resume: str | None = _f(None, "checkpoint to continue from, or 'auto' for out_dir/last.pt if it exists")
     overwrite: bool = _f(False, "allow starting a fresh run in a dir that already holds checkpoints")
     save_checkpoints: bool = _f(True, "write last.pt each epoch and best.pt on a new best test accuracy")
-    keep_checkpoints: int = _f(2, "checkpoints kept: last.pt and N-1 older ones (checkpoint-step<N>.pt), which "
-                               "--resume auto falls back to when last.pt is damaged")
-    nonfinite: str = _f("stop", "a NaN/Inf loss or gradient (never applied to the weights): stop (write last.pt of "
-                        "the step before, name the step and the first parameter hit) or skip the step and count it",
-                        choices=NONFINITE)
+    keep_checkpoints: int = _f(
+        2,
+        "checkpoints kept: last.pt and N-1 older ones (checkpoint-step<N>.pt), which "
+        "--resume auto falls back to when last.pt is damaged",
+    )
+    nonfinite: str = _f(
+        "stop",
+        "a NaN/Inf loss or gradient (never applied to the weights): stop (write last.pt of "
+        "the step before, name the step and the first parameter hit) or skip the step and count it",
+        choices=NONFINITE,
+    )
     max_skipped_steps: int = _f(5, "with --nonfinite skip: stop after this many skipped steps in a row")
     eval_every: int = _f(1, "evaluate every N epochs (and always after the last)")
     log_every: int = _f(50, "write a train-step record to metrics.jsonl every N optimizer steps")
-    progress: bool = _f(True, "progress of each epoch (rank 0): a tqdm bar on a terminal, else a plain line every "
-                        "--log-every steps or --progress-seconds")
+    progress: bool = _f(
+        True,
+        "progress of each epoch (rank 0): a tqdm bar on a terminal, else a plain line every "
+        "--log-every steps or --progress-seconds",
+    )
     progress_seconds: float = _f(60.0, "when stderr is not a terminal: a progress line at least this often")
     tensorboard: bool = _f(True, "also log to TensorBoard when torch.utils.tensorboard is importable")
     plot: bool = _f(True, "write curves.png (needs matplotlib)")
 
     def validate(self) -> TrainConfig:
         """Check value ranges and choices; raises ConfigError naming the flag. Returns self."""
-        positive = ("batch_size", "accum_steps", "epochs", "base_batch", "eval_every", "log_every", "keep_checkpoints",
-                    "max_skipped_steps")
+        positive = (
+            "batch_size",
+            "accum_steps",
+            "epochs",
+            "base_batch",
+            "eval_every",
+            "log_every",
+            "keep_checkpoints",
+            "max_skipped_steps",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")

@@ -64,5 +64,7 @@ class NonFiniteGuard:
         reason = (f"{self.in_row} steps in a row had a non-finite loss or gradient (--max-skipped-steps "
                   f"{self.max_in_row}), the last one at {where}" if self.policy == "skip"
                   else f"non-finite loss or gradient at {where}")  # fmt: skip
-        return (f"{reason}: loss {loss:.4g}, {grad}; the step was not applied and last.pt holds the weights before "
-                "it (lower --lr, check the data, or pass --nonfinite skip)")
+        return (
+            f"{reason}: loss {loss:.4g}, {grad}; the step was not applied and last.pt holds the weights before "
+            "it (lower --lr, check the data, or pass --nonfinite skip)"
+        )

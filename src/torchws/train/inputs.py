@@ -168,14 +168,19 @@ def _tensor_inputs(cfg: TrainConfig, splits: tdata.TensorSplits, info: DistInfo,
         augment = "crop_flip" if splits.name.startswith("cifar") else "none"
     images, labels = _subset_train(splits, cfg.max_train_images)
     if images.shape[0] < info.world_size * cfg.batch_size * cfg.accum_steps:
-        raise ConfigError(f"--dataset {splits.name}: {images.shape[0]} training images are fewer than one optimizer "
-                          f"step needs ({info.world_size} ranks x {cfg.batch_size} x {cfg.accum_steps} micro-batches)")
+        raise ConfigError(
+            f"--dataset {splits.name}: {images.shape[0]} training images are fewer than one optimizer "
+            f"step needs ({info.world_size} ranks x {cfg.batch_size} x {cfg.accum_steps} micro-batches)"
+        )
     common = dict(mean=splits.mean, std=splits.std, device=device)
     train = tdata.TensorLoader(images, labels, cfg.batch_size, shuffle=True, augment=None if augment == "none" else
                                augment, drop_last=True, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                                **common)  # fmt: skip
-    n_test = splits.test_images.shape[0] if cfg.max_eval_images is None else min(cfg.max_eval_images,
-                                                                                 splits.test_images.shape[0])
+    n_test = (
+        splits.test_images.shape[0]
+        if cfg.max_eval_images is None
+        else min(cfg.max_eval_images, splits.test_images.shape[0])
+    )
     if n_test < info.world_size:  # a rank would get an empty test shard
         raise ConfigError(f"--max-eval-images / --dataset {splits.name}: {n_test} test images cannot be shared by "
                           f"{info.world_size} ranks; evaluate on at least {info.world_size}")  # fmt: skip

@@ -187,7 +187,7 @@ class CheckpointWriter:
         self.last_step = step
         kept = kept_checkpoints(self.run_dir)
         older = [s for s in kept if s < step]
-        retained = set(older[max(0, len(older) - (self.keep - 1)):])
+        retained = set(older[max(0, len(older) - (self.keep - 1)) :])
         for s, path in kept.items():
             if s not in retained:
                 path.unlink(missing_ok=True)

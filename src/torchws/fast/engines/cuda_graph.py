@@ -194,7 +194,7 @@ class CudaGraphEngine:
         """The torch engine on ``tensors`` (:meth:`Plan.tensors` order) instead of the layers' own parameters."""
         layers = self.plan.layers
         by_layer = dict(zip(layers, tensors))
-        extra = iter(tensors[len(layers):])  # each layer's gain, then its shift, where present (Plan.tensors)
+        extra = iter(tensors[len(layers) :])  # each layer's gain, then its shift, where present (Plan.tensors)
         gains, shifts = {}, {}
         for m in layers:
             if m.gain is not None:

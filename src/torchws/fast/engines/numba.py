@@ -220,7 +220,9 @@ def multi_standardize(weights: list[Tensor], *, preset, eps: float | None = None
     for i, w in enumerate(weights):
         if not (w.device.type == "cpu" and w.dtype in (torch.float32, torch.float64) and dense_rows(w)
                 and w.dtype == weights[0].dtype and w.dim() >= 2 and w[0].numel() >= 2):  # fmt: skip
-            raise ValueError(f"multi_standardize: weight {i} (shape {tuple(w.shape)}, {w.dtype}, {w.device}) is not "
-                             "a dense-row CPU float32/float64 tensor of the first weight's dtype with fan-in >= 2")
+            raise ValueError(
+                f"multi_standardize: weight {i} (shape {tuple(w.shape)}, {w.dtype}, {w.device}) is not "
+                "a dense-row CPU float32/float64 tensor of the first weight's dtype with fan-in >= 2"
+            )
     launch = _Launch(weights, p, p.eps if eps is None else eps)
     return list(_MultiWS.apply(launch, *weights))
