@@ -6,6 +6,8 @@ Variants (one process, same initial weights within a model family, timed side by
     per_layer   ``create_model(..., batched_ws=False)``: every layer standardizes its own weight
     torch       ``enable_batched_ws(model, backend="torch")``
     numba       ``enable_batched_ws(model, backend="numba")`` (CPU)
+    numba_serial  the same with the kernels on one thread (as with one torch thread): what their split over numba's
+                threads saves at 2+ threads
     cuda_graph  ``enable_batched_ws(model, backend="cuda_graph")`` (CUDA)
     timm        the GN model with timm-style ``StdConv2d`` convs (``F.batch_norm`` on the weight; peers.py)
     authors     the GN model with the authors' WS conv (unbiased std + 1e-5 outside; peers.py)
@@ -46,15 +48,16 @@ from peers import AuthorsWSConv2d, TimmStdConv2d, swap_convs  # noqa: E402
 
 import torchws  # noqa: E402
 from torchws.fast import enable_batched_ws, find_handle  # noqa: E402
+from torchws.fast.engines import numba as numba_engine  # noqa: E402
 from torchws.models import create_model  # noqa: E402
 
-ALL = ["gn", "default", "per_layer", "torch", "numba", "cuda_graph", "timm", "authors", "folded", "compile_gn",
-       "compile_ws"]  # fmt: skip
+ALL = ["gn", "default", "per_layer", "torch", "numba", "numba_serial", "cuda_graph", "timm", "authors", "folded",
+       "compile_gn", "compile_ws"]  # fmt: skip
 
 
 def build(variant: str, family: str, in_chans: int, classes: int, device: torch.device, channels_last: bool):
     """The model of ``variant`` on ``device``; ``None`` where the variant does not apply there."""
-    if variant in ("cuda_graph",) and device.type != "cuda" or variant == "numba" and device.type != "cpu":
+    if variant in ("cuda_graph",) and device.type != "cuda" or variant.startswith("numba") and device.type != "cpu":
         return None
     torch.manual_seed(0)
     kwargs = {"num_classes": classes, "in_chans": in_chans}
@@ -67,8 +70,8 @@ def build(variant: str, family: str, in_chans: int, classes: int, device: torch.
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if variant in ("torch", "numba", "cuda_graph"):
-        enable_batched_ws(model, backend=variant)
+    if variant in ("torch", "numba", "numba_serial", "cuda_graph"):
+        enable_batched_ws(model, backend=variant.removesuffix("_serial"))
     elif find_handle(model) is not None:
         find_handle(model).refresh()  # engine chosen for the model's device and layout
     if variant == "folded":
@@ -89,6 +92,19 @@ def make_step(model, x, y, bf16: bool):
         opt.step()
 
     return step
+
+
+def serial_kernels(step):
+    """``step`` with the numba kernels on the calling thread alone (as with one torch thread), whatever the threads."""
+
+    def run() -> None:
+        saved, numba_engine.MIN_CHUNK_ELEMENTS = numba_engine.MIN_CHUNK_ELEMENTS, 1 << 62
+        try:
+            step()
+        finally:
+            numba_engine.MIN_CHUNK_ELEMENTS = saved
+
+    return run
 
 
 def time_block(step, n: int, device: torch.device) -> float:
@@ -117,6 +133,8 @@ def bench_steps(args, device: torch.device, batch: int) -> dict:
             if model is None:
                 continue
             step = make_step(model, x, y, args.bf16)
+            if v == "numba_serial":
+                step = serial_kernels(step)
             for _ in range(args.warmup):
                 step()
             steps[v] = step
