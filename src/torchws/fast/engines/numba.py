@@ -6,7 +6,10 @@ the weight's dtype. With torch set to more than one thread (``torch.get_num_thre
 chunks of equal work (each at least :data:`MIN_CHUNK_ELEMENTS` elements), one per thread, on numba's threads
 (``prange``) when called from the main thread of the process that first ran them so: numba's OpenMP and workqueue
 threading layers are not safe to enter from several threads at once or after a fork. Elsewhere, and with one thread,
-they run on the calling thread. Each row is computed by the same code either way.
+they run on the calling thread. Each row is computed by the same code either way, to the same bits. The kernels
+for numba's threads are compiled in each process that uses them (about 1.6 s on a 2-core x86_64 host: loaded from
+numba's disk cache they gave other float64 bits); :meth:`~torchws.fast.batched.BatchedWS.warm_up` moves that to
+start-up.
 
 One autograd node covers all weights of one (preset, eps, dtype); layers the kernels do not take (gain, shift,
 transposed convs, weights without dense rows, other devices or dtypes) run the torch engine's per-layer computation in
