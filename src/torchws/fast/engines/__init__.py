@@ -33,7 +33,8 @@ __all__ = ["ENGINES", "AUTO_NUMBA_MAX_ELEMENTS", "auto_engine", "select_engine"]
 ENGINES = ("auto", "torch", "numba", "cuda_graph")
 
 # auto runs the numba engine on CPU models of at most this many WS weight elements; above it, torch's own ops
-# (which use torch's threads; the kernels run on one) measured as fast (benchmarks/RESULTS.md, CPU)
+# measured as fast when the kernels ran on one thread (benchmarks/RESULTS.md, CPU; not measured again since the
+# kernels split their rows over numba's threads)
 AUTO_NUMBA_MAX_ELEMENTS = 1 << 21
 
 
