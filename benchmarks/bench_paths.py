@@ -8,6 +8,8 @@ Variants (one process, same initial weights within a model family, timed side by
     numba       ``enable_batched_ws(model, backend="numba")`` (CPU)
     numba_serial  the same with the kernels on one thread (as with one torch thread): what their split over numba's
                 threads saves at 2+ threads
+    hooks_only  the default model with an engine that hands each layer its raw weight: not WS, but the cost of the
+                pass's hooks and the layers' cache lookups alone (the rest of ``default`` is the standardization)
     cuda_graph  ``enable_batched_ws(model, backend="cuda_graph")`` (CUDA)
     timm        the GN model with timm-style ``StdConv2d`` convs (``F.batch_norm`` on the weight; peers.py)
     authors     the GN model with the authors' WS conv (unbiased std + 1e-5 outside; peers.py)
@@ -51,8 +53,8 @@ from torchws.fast import enable_batched_ws, find_handle  # noqa: E402
 from torchws.fast.engines import numba as numba_engine  # noqa: E402
 from torchws.models import create_model  # noqa: E402
 
-ALL = ["gn", "default", "per_layer", "torch", "numba", "numba_serial", "cuda_graph", "timm", "authors", "folded",
-       "compile_gn", "compile_ws"]  # fmt: skip
+ALL = ["gn", "default", "per_layer", "torch", "numba", "numba_serial", "cuda_graph", "hooks_only", "timm", "authors",
+       "folded", "compile_gn", "compile_ws"]  # fmt: skip
 
 
 def build(variant: str, family: str, in_chans: int, classes: int, device: torch.device, channels_last: bool):
@@ -74,11 +76,26 @@ def build(variant: str, family: str, in_chans: int, classes: int, device: torch.
         enable_batched_ws(model, backend=variant.removesuffix("_serial"))
     elif find_handle(model) is not None:
         find_handle(model).refresh()  # engine chosen for the model's device and layout
+    if variant == "hooks_only":
+        handle = find_handle(model)
+        handle.engine = RawWeights(handle.plan)
     if variant == "folded":
         model = torchws.fold(model)
     if variant.startswith("compile"):
         model = torch.compile(model)
     return model
+
+
+class RawWeights:
+    """An engine (the protocol of :mod:`torchws.fast.engines`) that standardizes nothing: each layer's own weight."""
+
+    name = "raw_weights"
+
+    def __init__(self, plan) -> None:
+        self.plan = plan
+
+    def __call__(self) -> dict:
+        return {m: m.weight for m in self.plan.layers}
 
 
 def make_step(model, x, y, bf16: bool):
