@@ -102,12 +102,12 @@ def assert_grads_close():
 @pytest.fixture(scope="session")
 def gloo_group(tmp_path_factory):
     """A single-process gloo group (rank 0 of 1) for wrapping models in DistributedDataParallel, created once and
-    destroyed when the session ends.
+    destroyed when the test run ends.
 
     Destroying a gloo group right after a DDP backward can deadlock (torch 2.13): each backward keeps a Python object
     in its thread state, the group's worker thread needs the GIL to free the all-reduce that captured it, and the
     group's destructor joins that thread while the main thread holds the GIL (about 1 run in 10 of the DDP tests
-    hung there). The group lives until the session ends, and before it is destroyed the main thread gives up the GIL
+    hung there). The group lives until the test run ends, and before it is destroyed the main thread gives up the GIL
     for a moment, so that a worker still freeing the last test's all-reduce can finish.
     """
     import time
