@@ -218,7 +218,7 @@ CASES: list[Case] = [
             ),
         ],
         r"shape-mismatched",
-    ),  # fmt: skip
+    ),
     # output dir
     ("out_dir_is_a_file", lambda t, p: ["--out-dir", str(p / "config.yaml")], r"config\.yaml is not a directory"),
     ("out_dir_under_a_file", lambda t, p: ["--out-dir", str(p / "config.yaml" / "run")], r"cannot write to --out-dir"),

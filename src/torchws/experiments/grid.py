@@ -118,7 +118,7 @@ GRIDS = {
         eval_images=1000,
         epochs=2,
         search_lrs=(0.2, 0.8),
-    ),  # fmt: skip
+    ),
 }
 
 
